@@ -17,6 +17,7 @@ Linear weights are stored [in, out] (Paddle's layout).
 """
 
 import math
+import os
 from contextlib import contextmanager
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -330,3 +331,47 @@ def record_attention(model: nn.Layer):
     finally:
         for attn in attentions:
             attn.attention_sink = None
+
+
+HEAD_KEYS = ('head.weight', 'head.bias')
+
+
+def resolve_weights_path(path: str) -> str:
+    """PaddleViT style: `path` may omit the `.pdparams` suffix."""
+    for candidate in (path, path + '.pdparams'):
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f'weights file not found: {path} (nor {path}.pdparams)')
+
+
+def load_pretrained(model: nn.Layer, path: str, log=print) -> List[str]:
+    """Load weights from `path` into `model`, strictly.
+
+    A classifier head of another size (another NUM_CLASSES) is left out with one
+    message; any other missing, unexpected or mis-shaped key is a ValueError that
+    lists them. Returns the keys left out.
+    """
+    path = resolve_weights_path(path)
+    state = paddle.load(path)
+    if not isinstance(state, dict):
+        raise ValueError(f'{path}: not a state dict of weights')
+    own = model.state_dict()
+    shape = lambda t: tuple(int(s) for s in t.shape)
+    skipped = [k for k in HEAD_KEYS if k in state and (k not in own or shape(state[k]) != shape(own[k]))]
+    missing = [k for k in own if k not in state and k not in skipped]
+    unexpected = [k for k in state if k not in own and k not in skipped]
+    mismatched = [f'{k} {shape(state[k])} vs model {shape(own[k])}'
+                  for k in own if k in state and k not in skipped and shape(state[k]) != shape(own[k])]
+    problems = []
+    for name, keys in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', mismatched)):
+        if keys:
+            more = f' (+{len(keys) - 5} more)' if len(keys) > 5 else ''
+            problems.append(f'{len(keys)} {name}: {", ".join(keys[:5])}{more}')
+    if problems:
+        raise ValueError(f'{path} does not fit the model: ' + '; '.join(problems))
+    if skipped:
+        log(f'{path}: classifier head {shape(state[skipped[0]])} does not fit the model '
+            f'(MODEL.NUM_CLASSES = {getattr(model, "num_classes", "?")}); left out, trained from scratch')
+    # the model's own head stands in for a skipped one, so nothing is reported missing
+    model.set_state_dict({k: (own[k] if k in skipped else v) for k, v in state.items() if k in own})
+    return skipped
