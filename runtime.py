@@ -1,0 +1,39 @@
+"""Process-wide runtime set-up, applied by every entry point before Paddle loads.
+
+Import this module before `paddle` (``import runtime`` as the first project
+import). Settings the user has made in the environment are left as they are.
+"""
+
+import os
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _is_amd_cpu() -> bool:
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith('vendor_id'):
+                    return 'AuthenticAMD' in line
+    except OSError:
+        pass
+    return False
+
+
+def configure_environment() -> None:
+    """Set thread and math-library variables; must run before Paddle is imported."""
+    cores = str(_usable_cores())
+    os.environ.setdefault('OMP_NUM_THREADS', cores)
+    os.environ.setdefault('MKL_NUM_THREADS', cores)
+    # Paddle's CPU wheel links Intel MKL, which takes a slow generic code path on
+    # AMD processors unless told to use the AVX2/AVX-512 kernels.
+    if _is_amd_cpu():
+        os.environ.setdefault('MKL_DEBUG_CPU_TYPE', '5')
+
+
+configure_environment()
