@@ -88,7 +88,8 @@ def conv_projection(method: str, dim: int, kernel: int, stride: int, padding: in
             nn.Conv2D(dim, dim, kernel, stride=stride, padding=padding, groups=dim, bias_attr=False),
             nn.BatchNorm2D(dim, momentum=0.9, epsilon=1e-5))
     if method == 'avg':
-        return nn.Sequential(nn.AvgPool2D(kernel, stride=stride, padding=padding, ceil_mode=True))
+        # padding counts in the average, as in PyTorch (the official model)
+        return nn.Sequential(nn.AvgPool2D(kernel, stride=stride, padding=padding, ceil_mode=True, exclusive=False))
     if method == 'linear':
         return None
     raise ValueError(f'unknown QKV_PROJ_METHOD {method!r} (dw_bn, avg or linear)')
