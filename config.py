@@ -105,6 +105,11 @@ _C.TRAIN.RANDOM_ERASE_MODE = 'pixel'
 _C.TRAIN.RANDOM_ERASE_COUNT = 1
 _C.TRAIN.RANDOM_ERASE_SPLIT = False
 
+# knowledge distillation from a teacher's logits (losses.DistillationLoss), for fine-tuning
+_C.TRAIN.DISTILLATION_TYPE = 'none'  # none, soft or hard
+_C.TRAIN.DISTILLATION_ALPHA = 0.5  # weight of the distillation term; 1 - alpha on the label loss
+_C.TRAIN.DISTILLATION_TAU = 1.0  # softmax temperature of soft distillation
+
 # misc
 _C.SAVE = './output'
 _C.TAG = 'default'
