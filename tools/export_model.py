@@ -1,0 +1,89 @@
+"""Export a CvT as a static inference model for Paddle Inference (tools/infer.py).
+
+    python tools/export_model.py -cfg configs/cvt-13-224x224.yaml -pretrained cvt-13-224x224 \\
+        -output exported/cvt-13-224x224
+
+Writes into the -output folder, with ``paddle.jit.save``:
+    inference.json (Paddle 3.x, PIR) or inference.pdmodel (Paddle 2.6)   the program
+    inference.pdiparams                                                   the weights
+    preprocess.json    image size, crop fraction, interpolation, mean and std of the
+                       config's val transform, so that infer.py needs no config
+The input is ``image`` (batch, 3, IMAGE_SIZE, IMAGE_SIZE) float32, any batch size;
+the output is the logits (batch, NUM_CLASSES).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import runtime  # noqa: E402,F401  (before paddle)
+import paddle  # noqa: E402
+from paddle.static import InputSpec  # noqa: E402
+
+from tools._common import check_weights_file, fail, load_config, load_model  # noqa: E402
+
+MODEL_PREFIX = 'inference'
+PREPROCESS_FILE = 'preprocess.json'
+INPUT_NAME = 'image'
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Export a CvT as a Paddle Inference model.')
+    parser.add_argument('-cfg', required=True, help='model config yaml')
+    parser.add_argument('-pretrained', required=True, help='weights (.pdparams; the suffix may be left out)')
+    parser.add_argument('-output', required=True, help='folder to write the inference model into')
+    return parser.parse_args(argv)
+
+
+def program_file(model_dir: str) -> str:
+    """The saved program: `.json` where Paddle saved a PIR program (3.x), else `.pdmodel`."""
+    for suffix in ('.json', '.pdmodel'):
+        path = os.path.join(model_dir, MODEL_PREFIX + suffix)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f'{model_dir}: no {MODEL_PREFIX}.json or {MODEL_PREFIX}.pdmodel in it')
+
+
+def export(model: paddle.nn.Layer, config, output_dir: str) -> str:
+    """Save `model` (eval mode) traced for (any batch, 3, IMAGE_SIZE, IMAGE_SIZE)
+    images, and the preprocessing of `config`, into `output_dir`; returns the program file."""
+    size = config.DATA.IMAGE_SIZE
+    os.makedirs(output_dir, exist_ok=True)
+    spec = InputSpec([None, 3, size, size], 'float32', name=INPUT_NAME)
+    paddle.jit.save(model, os.path.join(output_dir, MODEL_PREFIX), input_spec=[spec])
+    preprocess = {
+        'model_name': config.MODEL.NAME,
+        'num_classes': config.MODEL.NUM_CLASSES,
+        'image_size': size,
+        'crop_pct': config.DATA.CROP_PCT,
+        'interpolation': config.DATA.INTERPOLATION,
+        'mean': list(config.DATA.IMAGENET_MEAN),
+        'std': list(config.DATA.IMAGENET_STD),
+        'input_name': INPUT_NAME,
+        'paddle_version': paddle.__version__,
+    }
+    with open(os.path.join(output_dir, PREPROCESS_FILE), 'w') as out:
+        json.dump(preprocess, out, indent=2)
+    return program_file(output_dir)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = load_config(args.cfg)
+    if config.MODEL.NUM_CLASSES < 1:
+        fail(f'{args.cfg}: MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}: the model has no classifier')
+    weights = check_weights_file(args.pretrained)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        fail(f'{args.output}: exists and is not a folder')
+    model = load_model(config, weights)
+    path = export(model, config, args.output)
+    print(f'wrote {path}, {os.path.join(args.output, MODEL_PREFIX)}.pdiparams and '
+          f'{os.path.join(args.output, PREPROCESS_FILE)}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
