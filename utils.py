@@ -1,0 +1,106 @@
+"""Command line, logging and error reporting shared by the training entry points."""
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Optional
+
+from config import ConfigError
+
+
+class UsageError(Exception):
+    """A problem with the command line, a file or the data, found before training starts."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# errors that the entry points report in one line (exit code 2), without a traceback
+USAGE_ERRORS = (UsageError, ConfigError, FileNotFoundError, NotADirectoryError)
+
+
+def get_arguments(description: str) -> argparse.Namespace:
+    """PaddleViT's command-line flags; each one given overrides the yaml config."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('-cfg', type=str, default=None, help='yaml config file')
+    parser.add_argument('-dataset', type=str, default=None, help='imagenet2012, cifar10 or cifar100')
+    parser.add_argument('-batch_size', type=int, default=None,
+                        help='images per process and step (with -eval: the eval batch)')
+    parser.add_argument('-image_size', type=int, default=None)
+    parser.add_argument('-data_path', type=str, default=None, help='folder holding train/ and val/')
+    parser.add_argument('-output', type=str, default=None, help='folder for log.txt and checkpoints')
+    parser.add_argument('-ngpus', type=int, default=None,
+                        help='processes to start (main_multi_gpu.py); default: every visible GPU')
+    parser.add_argument('-num_classes', type=int, default=None)
+    parser.add_argument('-pretrained', type=str, default=None,
+                        help='weights to evaluate or fine-tune from (.pdparams optional)')
+    parser.add_argument('-resume', type=str, default=None,
+                        help='checkpoint to continue training from (.pdparams optional)')
+    parser.add_argument('-last_epoch', type=int, default=None,
+                        help='epoch the -resume checkpoint ended; default: read from the checkpoint')
+    parser.add_argument('-eval', action='store_true', help='only evaluate -pretrained on the val set')
+    parser.add_argument('-amp', action='store_true', help='mixed precision training (float16, GPU)')
+    return parser.parse_args()
+
+
+def get_logger(output_dir: Optional[str], rank: int = 0, name: str = 'cvt') -> logging.Logger:
+    """A logger writing to stdout and `output_dir`/log.txt on rank 0, silent elsewhere."""
+    logger = logging.getLogger(f'{name}.rank{rank}')
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    if rank != 0:
+        logger.addHandler(logging.NullHandler())
+        return logger
+    logger.setLevel(logging.INFO)
+    formatter = logging.Formatter('%(asctime)s %(message)s', datefmt='%Y-%m-%d %H:%M:%S')
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(output_dir, 'log.txt')))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return logger
+
+
+class AverageMeter:
+    """Running sum and mean of a value weighted by the number of samples."""
+
+    def __init__(self):
+        self.sum = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.sum += value * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.sum / max(self.count, 1)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def report_errors(func: Callable[..., None], *args, quiet: bool = False, **kwargs) -> None:
+    """Run `func`; turn the expected errors into one line on stderr and an exit code.
+
+    Usage errors exit with 2, a non-finite loss with 1; anything else is a bug and
+    keeps its traceback. `quiet` leaves the message of a usage error to another
+    process that hits the same (deterministic) problem.
+    """
+    try:
+        func(*args, **kwargs)
+    except USAGE_ERRORS as err:
+        if not quiet:
+            print(f'error: {err}', file=sys.stderr, flush=True)
+        sys.exit(2)
+    except NonFiniteLossError as err:
+        print(f'error: {err}', file=sys.stderr, flush=True)
+        sys.exit(1)
