@@ -9,7 +9,7 @@ import sys
 from typing import Callable, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif', '.ppm', '.jfif')
 
@@ -103,11 +103,13 @@ def list_images(paths: Sequence[str]) -> List[str]:
 
 def read_image(path: str) -> Optional[Image.Image]:
     """The image at `path` in RGB, or None (reported on stderr) if unreadable."""
+    from datasets import load_rgb  # the data pipeline's decoding (transparency, CMYK, ...)
     try:
-        with Image.open(path) as image:
-            return image.convert('RGB')
+        return load_rgb(path)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        print(f'skipped {path}: not a readable image ({err})', file=sys.stderr)
+        # PIL names the file object rather than the format when it knows no format
+        reason = 'unknown format' if isinstance(err, UnidentifiedImageError) else str(err)
+        print(f'skipped {path}: not a readable image ({reason})', file=sys.stderr)
         return None
 
 
