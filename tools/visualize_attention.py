@@ -155,7 +155,8 @@ def draw_figure(image: np.ndarray, maps: np.ndarray, cls_weight: Optional[np.nda
     panels = [(Image.fromarray(image), f'input {image.shape[1]}x{image.shape[0]}')]
     cls_note = lambda w: f' · cls key {w:.2f}' if cls_weight is not None else ''
     mean_cls = float(cls_weight.mean()) if cls_weight is not None else 0.0
-    panels.append((overlay(image, maps.mean(axis=0)), f'mean of {heads} head{"s" * (heads > 1)}{cls_note(mean_cls)}'))
+    mean_label = f'mean of {heads} heads' if heads > 1 else 'head 1 (the only head)'
+    panels.append((overlay(image, maps.mean(axis=0)), mean_label + cls_note(mean_cls)))
     if heads > 1:
         for h in range(heads):
             weight = float(cls_weight[h]) if cls_weight is not None else 0.0
@@ -187,7 +188,7 @@ def title_lines(config, stage: int, block: int, query_cell: Optional[Tuple[int, 
     if query_cell is None:
         query = 'the cls token'
     else:
-        query = f'token ({query_cell[0]}, {query_cell[1]}) of {query_grid}x{query_grid}'
+        query = f'the token at row {query_cell[0]}, column {query_cell[1]} of {query_grid}x{query_grid}'
     keys = f'{key_grid}x{key_grid} keys' + (' + cls' if has_cls else '')
     lines = [f'{config.MODEL.NAME}, stage {stage}, block {block} of {depth}',
              f'attention of {query} over {keys}']
