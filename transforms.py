@@ -274,7 +274,11 @@ def _affine(image: Image.Image, matrix, fill, resample) -> Image.Image:
 
 
 def _posterize(image: Image.Image, bits: int, **_) -> Image.Image:
-    return image if bits >= 8 else ImageOps.posterize(image, bits)
+    # keep the top `bits` bits; 0 bits is black (newer Pillow's posterize refuses 0)
+    if bits >= 8:
+        return image
+    mask = 0xFF & ~(2 ** (8 - max(bits, 0)) - 1)
+    return image.point([level & mask for level in range(256)] * len(image.getbands()))
 
 
 def _solarize_add(image: Image.Image, add: int, **_) -> Image.Image:

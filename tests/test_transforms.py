@@ -124,6 +124,22 @@ def test_solarize_add_raises_only_dark_levels():
     assert out.tolist() == [[[120, 237, 128]]]
 
 
+@pytest.mark.parametrize('bits, expected', [(0, [0, 0, 0]), (1, [0, 128, 128]), (4, [0, 192, 240]), (8, [5, 200, 250])])
+def test_posterize_keeps_the_top_bits_down_to_zero(bits, expected):
+    image = Image.fromarray(np.array([[[5, 200, 250]]], dtype=np.uint8))
+    assert np.asarray(T.RAND_OPS['PosterizeIncreasing'][0](image, bits)).tolist() == [[expected]]
+
+
+def test_every_op_runs_at_the_extreme_magnitudes():
+    image = smooth_image(20, 16)
+    rng = np.random.default_rng(0)
+    for name, (apply, level_to_arg) in T.RAND_OPS.items():
+        for level in (0.0, 10.0):
+            argument = level_to_arg(level, rng) if level_to_arg else None
+            out = apply(image, argument, fill=(1, 2, 3), resample=Image.BICUBIC)
+            assert out.size == image.size and out.mode == 'RGB', name
+
+
 def test_rand_augment_with_zero_op_probability_leaves_image_unchanged():
     image = smooth_image(32, 32)
     out = T.RandAugment('rand-m9-p0-n4')(image, np.random.default_rng(0))
