@@ -1,0 +1,123 @@
+"""Throughput of this project's CvT: inference or training, images per second.
+
+    python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode infer
+    python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode train
+    python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 64 -mode train -amp  # GPU
+
+It builds the model from the config, warms up, then times the real code paths:
+``infer`` is the eval-mode forward under ``paddle.no_grad``; ``train`` is one
+training step (forward, label-smoothed cross entropy, backward, AdamW update).
+It runs under the same runtime set-up as the training and evaluation scripts
+(``import runtime`` before Paddle). The last line is ``throughput: X img/s``;
+``tools/benchmark_torch.py`` prints the same for transformers' CvT.
+"""
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import runtime  # noqa: E402  (before paddle: threads, MKL on AMD)
+import paddle  # noqa: E402
+import paddle.nn.functional as F  # noqa: E402
+
+from config import get_config, update_config  # noqa: E402
+from cvt import build_cvt  # noqa: E402
+
+
+def training_step(model: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer, amp: bool,
+                  smoothing: float) -> Callable[[paddle.Tensor, paddle.Tensor], paddle.Tensor]:
+    """One optimisation step on a batch: forward, loss, backward, AdamW update."""
+    scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 16) if amp else None
+
+    def step(images: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
+        with paddle.amp.auto_cast(enable=amp, level='O1'):
+            logits = model(images)
+        loss = F.cross_entropy(logits.astype('float32'), labels, label_smoothing=smoothing)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        optimizer.clear_grad()
+        return loss
+
+    return step
+
+
+def peak_memory_mb() -> float:
+    """Peak memory in MiB: the device allocator's on GPU, the process' resident set on CPU."""
+    if paddle.is_compiled_with_cuda() and 'gpu' in paddle.get_device():
+        return paddle.device.cuda.max_memory_allocated() / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync() -> None:
+    """Wait for queued device work, so that a step's time is all of it."""
+    if paddle.is_compiled_with_cuda() and 'gpu' in paddle.get_device():
+        paddle.device.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('-cfg', type=str, required=True)
+    parser.add_argument('-batch_size', type=int, default=16)
+    parser.add_argument('-image_size', type=int, default=None)
+    parser.add_argument('-mode', choices=('infer', 'train'), default='infer')
+    parser.add_argument('-amp', action='store_true', help='float16 autocast (GPU)')
+    parser.add_argument('-warmup', type=int, default=3)
+    parser.add_argument('-iters', type=int, default=10)
+    args = parser.parse_args()
+    config = update_config(get_config(), argparse.Namespace(cfg=args.cfg, image_size=args.image_size))
+
+    paddle.seed(config.SEED)
+    model = build_cvt(config)
+    size = config.DATA.IMAGE_SIZE
+    images = paddle.randn([args.batch_size, 3, size, size])
+    labels = paddle.randint(0, max(config.MODEL.NUM_CLASSES, 1), [args.batch_size])
+
+    if args.mode == 'infer':
+        model.eval()
+
+        @paddle.no_grad()
+        def step() -> None:
+            with paddle.amp.auto_cast(enable=args.amp, level='O1'):
+                model(images)
+    else:
+        model.train()
+        optimizer = paddle.optimizer.AdamW(
+            learning_rate=config.TRAIN.BASE_LR, parameters=model.parameters(),
+            weight_decay=config.TRAIN.WEIGHT_DECAY, epsilon=config.TRAIN.OPTIMIZER.EPS,
+            beta1=config.TRAIN.OPTIMIZER.BETAS[0], beta2=config.TRAIN.OPTIMIZER.BETAS[1])
+        train_step = training_step(model, optimizer, args.amp, config.TRAIN.SMOOTHING)
+
+        def step() -> None:
+            train_step(images, labels)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    # the median step resists the odd slow step that other processes cause
+    step_s = sorted(times)[len(times) // 2]
+    print(f'paddle {paddle.__version__} on {paddle.get_device()}, threads '
+          f'{os.environ.get("OMP_NUM_THREADS")}, MKL_DEBUG_CPU_TYPE '
+          f'{os.environ.get("MKL_DEBUG_CPU_TYPE", "unset")}, {config.MODEL.NAME}, {args.mode}, '
+          f'batch {args.batch_size}, {size}px, {"amp fp16" if args.amp else "fp32"}')
+    print(f'{step_s * 1e3:.1f} ms/step (median of {args.iters}), peak memory {peak_memory_mb():.0f} MiB')
+    print(f'throughput: {args.batch_size / step_s:.2f} img/s')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,87 @@
+"""Throughput of Hugging Face transformers' CvT on PyTorch, for side-by-side comparison.
+
+This tool is a measuring stick only: it imports torch and transformers (which the
+project's runtime code never does) and runs ``CvtForImageClassification`` built
+from ``CvtConfig`` with the microsoft/cvt-13 (or -21) architecture, randomly
+initialised, nothing downloaded. Modes and output match ``tools/benchmark.py``
+so the two can be run back to back:
+
+    python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode infer
+    python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode train
+
+PyTorch keeps its own default threading (one intra-op thread per core) and
+``import runtime`` is not used, so this measures PyTorch as users get it.
+"""
+
+import argparse
+import time
+from typing import List
+
+import torch
+from transformers import CvtConfig, CvtForImageClassification
+
+
+def build_model(depth: List[int], num_classes: int) -> CvtForImageClassification:
+    """CvT with the released CvT-13/21 widths and heads (depth picks the model)."""
+    config = CvtConfig(embed_dim=[64, 192, 384], num_heads=[1, 3, 6], depth=list(depth),
+                       num_labels=num_classes)
+    return CvtForImageClassification(config)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident set size of this process, in MiB."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('-depth', type=int, nargs=3, default=[1, 2, 10], help='1 2 10: CvT-13; 1 4 16: CvT-21')
+    parser.add_argument('-batch_size', type=int, default=16)
+    parser.add_argument('-image_size', type=int, default=224)
+    parser.add_argument('-mode', choices=('infer', 'train'), default='infer')
+    parser.add_argument('-warmup', type=int, default=3)
+    parser.add_argument('-iters', type=int, default=10)
+    parser.add_argument('-num_classes', type=int, default=1000)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = build_model(args.depth, args.num_classes)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    labels = torch.randint(0, args.num_classes, (args.batch_size,))
+
+    if args.mode == 'infer':
+        model.eval()
+
+        def step() -> None:
+            with torch.no_grad():
+                model(pixel_values=images).logits.sum().item()
+    else:
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2.5e-4, weight_decay=0.05)
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+        def step() -> None:
+            loss = criterion(model(pixel_values=images).logits, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()
+
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    # the median step resists the odd slow step that other processes cause
+    step_s = sorted(times)[len(times) // 2]
+    print(f'torch {torch.__version__}, threads {torch.get_num_threads()}, depth {args.depth}, '
+          f'{args.mode}, batch {args.batch_size}, {args.image_size}px, fp32')
+    print(f'{step_s * 1e3:.1f} ms/step (median of {args.iters}), peak memory {peak_memory_mb():.0f} MiB')
+    print(f'throughput: {args.batch_size / step_s:.2f} img/s')
+
+
+if __name__ == '__main__':
+    main()
