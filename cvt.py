@@ -18,6 +18,7 @@ Linear weights are stored [in, out] (Paddle's layout).
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -29,6 +30,25 @@ _trunc_normal = nn.initializer.TruncatedNormal(std=0.02)
 _xavier_uniform = nn.initializer.XavierUniform()
 _zeros = nn.initializer.Constant(0.0)
 _ones = nn.initializer.Constant(1.0)
+
+# QuickGELU's slope: x * sigmoid(1.702 x) == silu(1.702 x) / 1.702
+_QUICK_GELU_SLOPE = 1.702
+
+
+def _on_cpu(x: paddle.Tensor) -> bool:
+    return x.place.is_cpu_place()
+
+
+def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor]) -> paddle.Tensor:
+    """``x @ weight + bias`` over the last axis of a contiguous `x`.
+
+    On CPU the bias goes into the GEMM (addmm, beta = 1): Paddle's F.linear adds it
+    in a separate single-threaded pass that costs as much as a small matmul.
+    """
+    if bias is None or not _on_cpu(x):
+        return F.linear(x, weight, bias)
+    rows = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
+    return rows.reshape(list(x.shape[:-1]) + [weight.shape[1]])
 
 
 class QuickGELU(nn.Layer):
@@ -67,13 +87,36 @@ class Mlp(nn.Layer):
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
+    # False: run the layers one by one, as written (the reference the fast path is tested against)
+    use_fast_path = True
+
     def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        if not self.use_fast_path:
+            return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        # QuickGELU's slope folded into the weights: fc1 scaled by 1.702 feeds one
+        # SiLU pass (instead of scale, sigmoid and multiply), fc2 takes the 1/1.702.
+        # Scaling the small weight matrices costs far less than passes over the
+        # activations, and gradients flow through it unchanged.
+        hidden = linear(x, self.fc1.weight * _QUICK_GELU_SLOPE, self.fc1.bias * _QUICK_GELU_SLOPE)
+        hidden = self.drop(F.silu(hidden))
+        return self.drop(linear(hidden, self.fc2.weight * (1.0 / _QUICK_GELU_SLOPE), self.fc2.bias))
 
 
 def tokens_to_map(x, h: int, w: int):
-    """(B, H*W, C) tokens -> (B, C, H, W) feature map."""
-    return x.transpose([0, 2, 1]).reshape([0, -1, h, w])
+    """(B, H*W, C) tokens -> (B, C, H, W) feature map, contiguous."""
+    x = x.transpose([0, 2, 1]).reshape([0, -1, h, w])
+    # Paddle 3 returns a strided view here; copy it once, not in each convolution that reads it
+    return x.contiguous() if hasattr(x, 'contiguous') else x
+
+
+def split_cls_token(x) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    """(B, 1 + N, C) -> the (B, 1, C) cls token and the (B, N, C) other tokens.
+
+    One split rather than two slices: each slice's gradient is a zero-filled
+    full-size tensor that backward then adds up, the split's is one concat.
+    """
+    cls_token, tokens = paddle.split(x, [1, x.shape[1] - 1], axis=1)
+    return cls_token, tokens
 
 
 def map_to_tokens(x):
@@ -126,15 +169,28 @@ class Attention(nn.Layer):
         # set by `record_attention`: called with each forward's attention weights
         self.attention_sink: Optional[Callable[[paddle.Tensor], None]] = None
 
+    # False: the plain path below, step by step as in the official code (the
+    # reference the fast path is tested against). Recording attention weights
+    # (`record_attention`) always takes the plain path.
+    use_fast_path = True
+    # the fused kernel F.scaled_dot_product_attention for softmax(q k^T) v; None:
+    # on GPU only (on CPU Paddle's kernel is slower than the two GEMMs and softmax)
+    use_fused_attention: Optional[bool] = None
+
+    def forward(self, x, h: int, w: int):
+        if self.attention_sink is not None or not self.use_fast_path:
+            return self._forward_plain(x, h, w)
+        return self._forward_fast(x, h, w)
+
     def _project(self, conv, x_map, tokens):
         return tokens if conv is None else map_to_tokens(conv(x_map))
 
     def _split_heads(self, x):
         return x.reshape([0, 0, self.num_heads, -1]).transpose([0, 2, 1, 3])
 
-    def forward(self, x, h: int, w: int):
+    def _forward_plain(self, x, h: int, w: int):
         if self.with_cls_token:
-            cls_token, tokens = x[:, :1], x[:, 1:]
+            cls_token, tokens = split_cls_token(x)
         else:
             tokens = x
         x_map = tokens_to_map(tokens, h, w)
@@ -155,6 +211,111 @@ class Attention(nn.Layer):
         attn = self.attn_drop(attn)
         out = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([0, 0, self.dim_out])
         return self.proj_drop(self.proj(out))
+
+    def _forward_fast(self, x, h: int, w: int):
+        """The same attention with fewer passes over the activations.
+
+        q, k and v stay channels-first (B, C, L) from the convolutions on, and the
+        GEMMs read them transposed, so no token/map transpose is copied; the scale
+        is folded into q's projection; in eval, k's and v's convolutions run as one
+        grouped convolution with their BatchNorms folded in.
+        """
+        if self.with_cls_token:
+            cls_token, tokens = split_cls_token(x)
+        else:
+            cls_token, tokens = None, x
+        q, k, v = self._projected_maps(tokens_to_map(tokens, h, w))
+        if cls_token is not None:
+            cls_column = cls_token.reshape([0, -1, 1])  # (B, 1, C) -> (B, C, 1)
+            q, k, v = (paddle.concat([cls_column, t], axis=2) for t in (q, k, v))
+        fused = self.use_fused_attention
+        if fused is None:
+            fused = not _on_cpu(x)
+        if fused and hasattr(F, 'scaled_dot_product_attention'):
+            out = self._attend_fused(q, k, v)
+        else:
+            out = self._attend(q, k, v)
+        return self.proj_drop(out)
+
+    def _projected_maps(self, x_map):
+        """Channels-first (B, C, L) maps of q, k and v after their convolutional projections."""
+        q = x_map if self.conv_proj_q is None else self.conv_proj_q(x_map)
+        if not self.training and _is_dw_bn(self.conv_proj_k) and _is_dw_bn(self.conv_proj_v):
+            # channel c of the map gives channels 2c (k) and 2c+1 (v): one convolution
+            # call instead of two (Paddle's depthwise kernel costs mostly per call)
+            kv = _folded_dw_bn(self.conv_proj_k, self.conv_proj_v, x_map).flatten(2)
+            kv = kv.reshape([0, -1, 2, kv.shape[-1]])
+            k, v = kv[:, :, 0], kv[:, :, 1]
+        else:
+            k = x_map if self.conv_proj_k is None else self.conv_proj_k(x_map)
+            v = x_map if self.conv_proj_v is None else self.conv_proj_v(x_map)
+            k, v = k.flatten(2), v.flatten(2)
+        return q.flatten(2), k, v
+
+    def _scaled_q_projection(self, extra: float = 1.0):
+        """proj_q's weight and bias times the attention scale (and `extra`)."""
+        factor = self.scale * extra
+        bias = self.proj_q.bias
+        return self.proj_q.weight * factor, (None if bias is None else bias * factor)
+
+    def _attend(self, q, k, v):
+        """softmax(q k^T * scale) v, projected; channels-first inputs, (B, Lq, C) out."""
+        def heads(t, weight, bias):
+            # (C_out, C_in) x (B, C_in, L) -> (B, C_out, L) -> (B, heads, head_dim, L): no copy
+            t = paddle.matmul(weight, t, transpose_x=True)
+            if bias is not None:
+                t = t + bias.unsqueeze(-1)
+            return t.reshape([0, self.num_heads, -1, t.shape[-1]])
+
+        q = heads(q, *self._scaled_q_projection())
+        k = heads(k, self.proj_k.weight, self.proj_k.bias)
+        v = heads(v, self.proj_v.weight, self.proj_v.bias)
+        attn = self.attn_drop(F.softmax(paddle.matmul(q, k, transpose_x=True), axis=-1))
+        out = paddle.matmul(v, attn, transpose_y=True)  # (B, heads, head_dim, Lq)
+        out = paddle.matmul(out.reshape([0, self.dim_out, out.shape[-1]]), self.proj.weight,
+                            transpose_x=True)
+        return out + self.proj.bias
+
+    def _attend_fused(self, q, k, v):
+        """The same through F.scaled_dot_product_attention, which takes (B, L, heads, head_dim)
+        and scales by head_dim ** -0.5: q is pre-scaled to give CvT's dim_out ** -0.5."""
+        head_dim = self.dim_out // self.num_heads
+
+        def heads(t, weight, bias):
+            t = paddle.matmul(t, weight, transpose_x=True)  # (B, L, C_out)
+            if bias is not None:
+                t = t + bias
+            return t.reshape([0, 0, self.num_heads, head_dim])
+
+        q = heads(q, *self._scaled_q_projection(head_dim ** 0.5))
+        k = heads(k, self.proj_k.weight, self.proj_k.bias)
+        v = heads(v, self.proj_v.weight, self.proj_v.bias)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p, training=self.training)
+        return linear(out.reshape([0, 0, self.dim_out]), self.proj.weight, self.proj.bias)
+
+
+def _is_dw_bn(projection: Optional[nn.Layer]) -> bool:
+    return (isinstance(projection, nn.Sequential) and len(projection) == 2
+            and isinstance(projection[1], nn.BatchNorm2D))
+
+
+def _folded_dw_bn(first: nn.Sequential, second: nn.Sequential, x_map):
+    """Two eval-mode dw_bn projections of one map as one grouped convolution.
+
+    Each BatchNorm is folded into its convolution (weight * gamma / sigma, bias
+    beta - mean * gamma / sigma); output channel 2c is `first`'s channel c and
+    2c+1 is `second`'s.
+    """
+    weights, biases = [], []
+    for conv, norm in (first, second):
+        factor = norm.weight / paddle.sqrt(norm._variance + norm._epsilon)
+        weights.append(conv.weight * factor.reshape([-1, 1, 1, 1]))
+        biases.append(norm.bias - norm._mean * factor)
+    conv = first[0]
+    weight = paddle.stack(weights, axis=1).reshape([-1, 1] + list(conv.weight.shape[2:]))
+    bias = paddle.stack(biases, axis=1).reshape([-1])
+    return F.conv2d(x_map, weight, bias, stride=conv._stride, padding=conv._padding,
+                    dilation=conv._dilation, groups=conv._groups)
 
 
 class Block(nn.Layer):
@@ -222,7 +383,7 @@ class VisionTransformer(nn.Layer):
             x = block(x, h, w)
         cls_token = None
         if self.cls_token is not None:
-            cls_token, x = x[:, :1], x[:, 1:]
+            cls_token, x = split_cls_token(x)
         return tokens_to_map(x, h, w), cls_token
 
 
@@ -295,8 +456,70 @@ class ConvolutionalVisionTransformer(nn.Layer):
             return self.norm(cls_token).flatten(1)
         return self.norm(map_to_tokens(x)).mean(axis=1)
 
+    # CPU inference runs parts of the batch in parallel threads (`_forward_in_parts`)
+    parallel_inference = True
+
     def forward(self, x):
+        parts = self._inference_parts(x)
+        if parts > 1:
+            return self._forward_in_parts(x, parts)
         return self.head(self.forward_features(x))
+
+    def _inference_parts(self, x) -> int:
+        """How many threads share this forward: one per usable core for eval-mode,
+        no-grad CPU forwards of a batch (where samples do not interact: BatchNorm
+        uses its running statistics), else 1."""
+        if (not self.parallel_inference or self.training or paddle.is_grad_enabled()
+                or not paddle.in_dynamic_mode() or not _on_cpu(x) or _autocast_on()):
+            return 1
+        if any(block.attn.attention_sink is not None for stage in self.stages for block in stage.blocks):
+            return 1  # recording attention wants each forward's weights whole
+        return min(_usable_cores(), int(x.shape[0]))
+
+    def _forward_in_parts(self, x, parts: int):
+        """The forward of `x` split along the batch into `parts` threads.
+
+        Most of Paddle's CPU kernels outside the GEMMs (softmax, SiLU, adds,
+        LayerNorm, depthwise convolution) run on one thread, so one forward
+        leaves the other cores idle for much of its time; Paddle releases the
+        GIL inside its kernels, so threads overlap them. The GEMMs keep their own
+        threads. The logits are the same as one whole-batch forward's.
+        """
+        def run(chunk):
+            with paddle.no_grad():  # the no-grad state is per thread
+                return self.head(self.forward_features(chunk))
+
+        chunks = paddle.split(x, _even_sizes(int(x.shape[0]), parts), axis=0)
+        others = [_thread_pool().submit(run, chunk) for chunk in chunks[1:]]
+        return paddle.concat([run(chunks[0])] + [future.result() for future in others], axis=0)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _even_sizes(total: int, parts: int) -> List[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _autocast_on() -> bool:
+    tracer = paddle.base.framework._dygraph_tracer() if hasattr(paddle, 'base') else None
+    level = getattr(tracer, '_amp_level', None)
+    return level is not None and 'O0' not in str(level)
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(_usable_cores() - 1, 1),
+                                   thread_name_prefix='cvt-inference')
+    return _POOL
 
 
 def build_cvt(config) -> ConvolutionalVisionTransformer:
@@ -332,6 +555,23 @@ def record_attention(model: nn.Layer):
     finally:
         for attn in attentions:
             attn.attention_sink = None
+
+
+def set_fast_paths(model: nn.Layer, enabled: bool = True, fused_attention: Optional[bool] = None) -> None:
+    """Turn the model's speed paths on or off (off: the plain step-by-step layers).
+
+    `enabled` covers the restructured attention and MLP and the threaded CPU
+    inference; `fused_attention` picks F.scaled_dot_product_attention (True),
+    the explicit softmax (False), or the default for the device (None: GPU only).
+    Both give the same outputs; the switch is for tests and for debugging.
+    """
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, (Attention, Mlp)):
+            layer.use_fast_path = enabled
+        if isinstance(layer, Attention):
+            layer.use_fused_attention = fused_attention
+        if isinstance(layer, ConvolutionalVisionTransformer):
+            layer.parallel_inference = enabled
 
 
 HEAD_KEYS = ('head.weight', 'head.bias')

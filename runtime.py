@@ -34,6 +34,11 @@ def configure_environment() -> None:
     # AMD processors unless told to use the AVX2/AVX-512 kernels.
     if _is_amd_cpu():
         os.environ.setdefault('MKL_DEBUG_CPU_TYPE', '5')
+    # Intel OpenMP (MKL's threads) spins 200 ms after each parallel region by
+    # default; most of Paddle's CPU kernels besides the GEMMs are single-threaded,
+    # so the spinning threads take the cores from the work that runs between
+    # GEMMs (CvT-13 CPU inference: 12.6 -> 16 img/s on 2 cores without it).
+    os.environ.setdefault('KMP_BLOCKTIME', '0')
 
 
 configure_environment()

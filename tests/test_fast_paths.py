@@ -1,0 +1,155 @@
+"""The model's speed paths give the plain layers' results.
+
+`cvt.set_fast_paths(model, False)` runs the attention and MLP step by step as
+the official code writes them; every fast path must match it: eval logits to
+1e-4, training gradients and BatchNorm statistics alike. No timings here: speed
+is measured by tools/benchmark.py.
+"""
+
+import copy
+import os
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+import cvt
+from config import get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_model(image_cls=(False, False, True), method='dw_bn', **model_keys) -> cvt.ConvolutionalVisionTransformer:
+    """A CvT-13-shaped model, narrowed for speed, with non-trivial BatchNorm statistics
+    (fresh ones are mean 0, variance 1, which would hide a wrong fold)."""
+    config = get_config(os.path.join(ROOT, 'configs', 'cvt-13-224x224.yaml'))
+    config.defrost()
+    config.MODEL.DIM_EMBED = [16, 48, 96]
+    config.MODEL.NUM_HEADS = [1, 3, 6]
+    config.MODEL.DEPTH = [1, 2, 2]
+    config.MODEL.NUM_CLASSES = 10
+    config.MODEL.CLS_TOKEN = list(image_cls)
+    config.MODEL.QKV_PROJ_METHOD = [method] * 3
+    for key, value in model_keys.items():
+        config.MODEL[key] = value
+    model = cvt.build_cvt(config)
+    for name, buffer in model.named_buffers():
+        if name.endswith('_mean'):
+            buffer.set_value(paddle.randn(buffer.shape) * 0.2)
+        elif name.endswith('_variance'):
+            buffer.set_value(paddle.rand(buffer.shape) + 0.5)
+    return model
+
+
+def eval_logits(model, images, fast: bool, fused=None) -> np.ndarray:
+    cvt.set_fast_paths(model, fast, fused)
+    model.eval()
+    with paddle.no_grad():
+        return model(images).numpy()
+
+
+@pytest.mark.parametrize('method', ['dw_bn', 'avg', 'linear'])
+@pytest.mark.parametrize('cls_token', [(False, False, True), (False, False, False)])
+def test_eval_logits_match_plain_path(method, cls_token):
+    model = small_model(cls_token, method)
+    images = paddle.randn([3, 3, 64, 64])
+    plain = eval_logits(model, images, fast=False)
+    np.testing.assert_allclose(eval_logits(model, images, fast=True), plain, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(eval_logits(model, images, fast=True, fused=True), plain, atol=1e-4, rtol=0)
+
+
+def test_cvt13_logits_match_plain_path_at_224():
+    """The released architecture at its resolution, where Paddle's kernels take their large-size paths."""
+    model = cvt.build_cvt(get_config(os.path.join(ROOT, 'configs', 'cvt-13-224x224.yaml')))
+    images = paddle.randn([2, 3, 224, 224])
+    plain = eval_logits(model, images, fast=False)
+    np.testing.assert_allclose(eval_logits(model, images, fast=True), plain, atol=1e-4, rtol=0)
+
+
+def test_threaded_inference_matches_one_thread_for_odd_batch(monkeypatch):
+    model = small_model()
+    images = paddle.randn([5, 3, 64, 64])
+    model.eval()
+    with paddle.no_grad():
+        assert model._inference_parts(images) == min(cvt._usable_cores(), 5)
+        monkeypatch.setattr(cvt, '_usable_cores', lambda: 3)
+        threaded = model(images).numpy()
+        model.parallel_inference = False
+        whole = model(images).numpy()
+    np.testing.assert_allclose(threaded, whole, atol=1e-5, rtol=0)
+    assert cvt._even_sizes(5, 3) == [2, 2, 1]
+
+
+def test_threads_only_for_no_grad_eval_forwards():
+    model = small_model()
+    images = paddle.randn([4, 3, 32, 32])
+    model.eval()
+    assert model._inference_parts(images) == 1  # gradients on
+    with paddle.no_grad():
+        model.train()
+        assert model._inference_parts(images) == 1
+        model.eval()
+        with cvt.record_attention(model):
+            assert model._inference_parts(images) == 1
+
+
+def test_training_gradients_and_batchnorm_statistics_match_plain_path():
+    fast = small_model()
+    plain = copy.deepcopy(fast)
+    cvt.set_fast_paths(plain, False)
+    images = paddle.randn([2, 3, 64, 64])
+    labels = paddle.to_tensor([1, 7])
+    for model in (fast, plain):
+        model.train()
+        paddle.seed(1)  # drop path is random in training: both models draw the same masks
+        F.cross_entropy(model(images), labels).backward()
+    grads_fast = {n: p.grad.numpy() for n, p in fast.named_parameters() if p.grad is not None}
+    grads_plain = {n: p.grad.numpy() for n, p in plain.named_parameters() if p.grad is not None}
+    assert grads_fast.keys() == grads_plain.keys() == {n for n, p in fast.named_parameters() if not p.stop_gradient}
+    for name, grad in grads_plain.items():
+        np.testing.assert_allclose(grads_fast[name], grad, atol=1e-5, rtol=1e-3, err_msg=name)
+    buffers = dict(plain.named_buffers())
+    for name, buffer in fast.named_buffers():
+        np.testing.assert_allclose(buffer.numpy(), buffers[name].numpy(), atol=1e-6, err_msg=name)
+
+
+def test_recording_attention_takes_explicit_softmax_and_keeps_logits():
+    model = small_model()
+    model.eval()
+    images = paddle.randn([2, 3, 64, 64])
+    with paddle.no_grad():
+        fast = model(images).numpy()
+        with cvt.record_attention(model) as records:
+            recorded = model(images).numpy()
+    np.testing.assert_allclose(recorded, fast, atol=1e-4, rtol=0)
+    assert [(i, j) for i, j, _ in records] == [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)]
+    stage, block, weights = records[-1]
+    assert list(weights.shape) == [2, 6, 1 + 4 * 4, 1 + 2 * 2]
+    np.testing.assert_allclose(weights.sum(axis=-1).numpy(), 1.0, atol=1e-5)
+
+
+def test_linear_matches_paddle_linear_forward_and_backward():
+    x = paddle.randn([2, 5, 8])
+    weight, bias = paddle.randn([8, 3]), paddle.randn([3])
+    for t in (x, weight, bias):
+        t.stop_gradient = False
+    grads = []
+    for fn in (cvt.linear, F.linear):
+        out = fn(x, weight, bias)
+        (out * out).sum().backward()
+        grads.append([out.numpy()] + [t.grad.numpy().copy() for t in (x, weight, bias)])
+        for t in (x, weight, bias):
+            t.clear_gradient()
+    for ours, theirs in zip(*grads):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_keys_unchanged_by_fast_paths():
+    model = small_model()
+    keys = list(model.state_dict())
+    cvt.set_fast_paths(model, True)
+    model.eval()
+    with paddle.no_grad():
+        model(paddle.randn([2, 3, 32, 32]))
+    assert list(model.state_dict()) == keys
