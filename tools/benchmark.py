@@ -5,8 +5,10 @@
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 64 -mode train -amp  # GPU
 
 It builds the model from the config, warms up, then times the real code paths:
-``infer`` is the eval-mode forward under ``paddle.no_grad``; ``train`` is one
-training step (forward, label-smoothed cross entropy, backward, AdamW update).
+``infer`` is the eval-mode forward under ``paddle.no_grad``; ``train`` is
+``engine.train_step``, the training scripts' own step (forward, the recipe's
+loss on Mixup-style soft targets, backward, AdamW update) with the engine's
+optimizer, LR schedule and loss scaler.
 It runs under the same runtime set-up as the training and evaluation scripts
 (``import runtime`` before Paddle). The last line is ``throughput: X img/s``;
 ``tools/benchmark_torch.py`` prints the same for transformers' CvT.
@@ -16,7 +18,6 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,30 +25,10 @@ import runtime  # noqa: E402  (before paddle: threads, MKL on AMD)
 import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
 
+import engine  # noqa: E402
+import losses  # noqa: E402
 from config import get_config, update_config  # noqa: E402
 from cvt import build_cvt  # noqa: E402
-
-
-def training_step(model: paddle.nn.Layer, optimizer: paddle.optimizer.Optimizer, amp: bool,
-                  smoothing: float) -> Callable[[paddle.Tensor, paddle.Tensor], paddle.Tensor]:
-    """One optimisation step on a batch: forward, loss, backward, AdamW update."""
-    scaler = paddle.amp.GradScaler(init_loss_scaling=2.0 ** 16) if amp else None
-
-    def step(images: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
-        with paddle.amp.auto_cast(enable=amp, level='O1'):
-            logits = model(images)
-        loss = F.cross_entropy(logits.astype('float32'), labels, label_smoothing=smoothing)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.clear_grad()
-        return loss
-
-    return step
 
 
 def peak_memory_mb() -> float:
@@ -91,14 +72,15 @@ def main() -> None:
                 model(images)
     else:
         model.train()
-        optimizer = paddle.optimizer.AdamW(
-            learning_rate=config.TRAIN.BASE_LR, parameters=model.parameters(),
-            weight_decay=config.TRAIN.WEIGHT_DECAY, epsilon=config.TRAIN.OPTIMIZER.EPS,
-            beta1=config.TRAIN.OPTIMIZER.BETAS[0], beta2=config.TRAIN.OPTIMIZER.BETAS[1])
-        train_step = training_step(model, optimizer, args.amp, config.TRAIN.SMOOTHING)
+        lr_schedule = engine.build_lr_schedule(config, steps_per_epoch=1000, world_size=1)
+        optimizer = engine.build_optimizer(config, model, lr_schedule)
+        scaler = paddle.amp.GradScaler(enable=args.amp)
+        # the recipe mixes images (Mixup/CutMix), so the loss takes soft targets
+        criterion = losses.build_criterion(config, mixup_active=True)
+        targets = F.one_hot(labels, max(config.MODEL.NUM_CLASSES, 1))
 
         def step() -> None:
-            train_step(images, labels)
+            engine.train_step(model, images, targets, criterion, optimizer, scaler, autocast=args.amp)
 
     for _ in range(args.warmup):
         step()
