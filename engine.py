@@ -421,8 +421,11 @@ def _check_data_sizes(config, train_set, val_set, world_size: int) -> None:
                              f'{config.TRAIN.ACCUM_ITER} = {needed})')
 
 
-def _check_files(config) -> None:
-    """Fail on missing weight or data paths before anything is built."""
+def check_paths(config) -> None:
+    """Fail on missing weights or data before anything is built (cheap: a
+    launcher calls it before starting processes)."""
+    if not os.path.isdir(config.DATA.DATA_PATH):
+        raise UsageError(f'-data_path {config.DATA.DATA_PATH}: folder not found')
     for flag, path in (('-pretrained', config.MODEL.PRETRAINED), ('-resume', config.MODEL.RESUME)):
         if path:
             try:
@@ -454,7 +457,7 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
         dist.init_parallel_env()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if multi_process else (0, 1)
     logger = get_logger(config.SAVE, rank)
-    _check_files(config)
+    check_paths(config)
     logger.info(f'config:\n{config}')
     logger.info(f'{world_size} process(es) on {paddle.get_device()}')
 

@@ -56,6 +56,7 @@ def main() -> None:
     if launched_by_paddle():
         worker(config)
         return
+    engine.check_paths(config)
     nprocs = process_count(config.NGPUS)
     on_cpu = not (paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)
     if on_cpu and not USER_SET_THREADS:

@@ -1,0 +1,178 @@
+"""The training engine, in process: schedule, optimizer groups, steps, resume, errors."""
+
+import glob
+import math
+import os
+
+import numpy as np
+import paddle
+import pytest
+
+import cvt
+import datasets
+import engine
+import losses
+from tiny_training import make_tiny_data, tiny_config
+from utils import NonFiniteLossError, UsageError
+
+
+@pytest.fixture(scope='module')
+def data_path(tmp_path_factory):
+    return make_tiny_data(str(tmp_path_factory.mktemp('tiny_data')))
+
+
+def weights(model):
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def max_difference(a, b):
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def test_lr_scales_with_global_batch_warms_up_per_step_and_ends_absolute(tmp_path):
+    config = tiny_config(str(tmp_path), str(tmp_path), {
+        'TRAIN.BASE_LR': 1e-3, 'TRAIN.LINEAR_SCALED_LR': 64, 'TRAIN.ACCUM_ITER': 2,
+        'TRAIN.WARMUP_START_LR': 1e-6, 'TRAIN.END_LR': 1e-5,
+        'TRAIN.WARMUP_EPOCHS': 1, 'TRAIN.NUM_EPOCHS': 3})
+    schedule = engine.build_lr_schedule(config, steps_per_epoch=10, world_size=2)
+    # batch 8 x 2 processes x 2 accumulated = 32 images: half of the 64 BASE_LR is for
+    assert schedule.peak_lr == pytest.approx(5e-4)
+    lrs = []
+    for _ in range(30):
+        lrs.append(schedule())
+        schedule.step()
+    assert lrs[0] == pytest.approx(1e-6)  # warm-up starts at WARMUP_START_LR, unscaled
+    assert lrs[5] == pytest.approx(1e-6 + (5e-4 - 1e-6) / 2)  # mid-epoch: stepped per iteration
+    assert lrs[10] == pytest.approx(5e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert schedule() == pytest.approx(1e-5)  # ends at END_LR, unscaled
+
+
+def test_weight_decay_skips_biases_norms_and_cls_token(tmp_path):
+    config = tiny_config(str(tmp_path), str(tmp_path))
+    model = cvt.build_cvt(config)
+    decayed = {name for name, p in model.named_parameters() if engine.decays_weight(name, p)}
+    assert 'stages.0.patch_embed.proj.weight' in decayed
+    assert 'stages.2.blocks.0.attn.proj_q.weight' in decayed
+    assert 'head.weight' in decayed
+    for name in ('stages.2.cls_token', 'head.bias', 'norm.weight', 'stages.0.blocks.0.norm1.weight',
+                 'stages.0.blocks.0.attn.conv_proj_q.1.weight'):
+        assert name not in decayed
+    optimizer = engine.build_optimizer(config, model, 1e-3)
+    by_name = dict(model.named_parameters())
+    assert optimizer._apply_decay_param_fun(by_name['head.weight'].name)
+    assert not optimizer._apply_decay_param_fun(by_name['stages.2.cls_token'].name)
+
+
+def _first_batch(config, size):
+    dataset = datasets.get_dataset(config, 'val')
+    images, labels = zip(*(dataset[i] for i in range(0, len(dataset), len(dataset) // size)[:size]))
+    return paddle.to_tensor(np.stack(images)), paddle.to_tensor(np.array(labels, dtype='int64'))
+
+
+def test_training_steps_reduce_the_loss(data_path, tmp_path):
+    config = tiny_config(data_path, str(tmp_path))
+    model = cvt.build_cvt(config)
+    optimizer = engine.build_optimizer(config, model, 1e-3)
+    criterion = losses.build_criterion(config, mixup_active=False)
+    scaler = paddle.amp.GradScaler(enable=False)
+    images, labels = _first_batch(config, 16)
+    model.train()
+    first = float(engine.train_step(model, images, labels, criterion, optimizer, scaler)[0])
+    for _ in range(15):
+        last = float(engine.train_step(model, images, labels, criterion, optimizer, scaler)[0])
+    assert last < 0.7 * first
+
+
+def test_gradient_accumulation_equals_a_larger_batch(data_path, tmp_path):
+    # linear projections: no BatchNorm, whose batch statistics depend on the batch split
+    config = tiny_config(data_path, str(tmp_path), {
+        'MODEL.QKV_PROJ_METHOD': ['linear'] * 3, 'TRAIN.GRAD_CLIP': 1.0})
+    images, labels = _first_batch(config, 8)
+    criterion = losses.build_criterion(config, mixup_active=False)
+    results = []
+    for accum in (1, 2):
+        paddle.seed(1)
+        model = cvt.build_cvt(config)
+        model.train()
+        optimizer = engine.build_optimizer(config, model, 1e-3)
+        scaler = paddle.amp.GradScaler(enable=False)
+        size = 8 // accum
+        for k in range(accum):
+            engine.train_step(model, images[k * size:(k + 1) * size], labels[k * size:(k + 1) * size],
+                              criterion, optimizer, scaler, accum_iter=accum, update=k == accum - 1)
+        results.append(weights(model))
+    paddle.seed(1)
+    start = weights(cvt.build_cvt(config))
+    assert max_difference(start, results[0]) > 1e-4  # the step changed the weights
+    assert max_difference(results[0], results[1]) < 1e-5
+
+
+def test_resume_after_a_stop_repeats_a_straight_run(data_path, tmp_path):
+    changes = {'TRAIN.MODEL_EMA': True, 'TRAIN.MODEL_EMA_DECAY': 0.9,
+               'MODEL.DROP_PATH_RATE': [0.0, 0.0, 0.2], 'TRAIN.MIXUP_PROB': 1.0}
+    straight = engine.run(tiny_config(data_path, str(tmp_path / 'straight'), changes))
+    first_epoch = glob.glob(str(tmp_path / 'straight' / 'CvT-Epoch-1-*[0-9].pdparams'))
+    assert len(first_epoch) == 1
+    resumed = engine.run(tiny_config(data_path, str(tmp_path / 'resumed'), {
+        **changes, 'MODEL.RESUME': first_epoch[0][:-len('.pdparams')]}))
+    assert os.path.basename(resumed['checkpoint']) == os.path.basename(straight['checkpoint'])
+    for suffix in ('.pdparams', '-EMA.pdparams'):
+        a = paddle.load(straight['checkpoint'].replace('.pdparams', suffix))
+        b = paddle.load(resumed['checkpoint'].replace('.pdparams', suffix))
+        assert max_difference({k: v.numpy() for k, v in a.items()}, {k: v.numpy() for k, v in b.items()}) < 1e-5
+    assert resumed['val'] == pytest.approx(straight['val'])
+    log = (tmp_path / 'resumed' / 'log.txt').read_text()
+    assert 'resumed from' in log and 'Epoch[001/002], Step' not in log
+
+
+def test_amp_flag_on_cpu_trains_in_float32_and_says_so_once(data_path, tmp_path):
+    result = engine.run(tiny_config(data_path, str(tmp_path), {'AMP': True, 'TRAIN.NUM_EPOCHS': 1}))
+    log = (tmp_path / 'log.txt').read_text()
+    assert log.count('trains in float32') == 1
+    assert math.isfinite(result['train_loss'])
+    state = paddle.load(result['checkpoint'].replace('.pdparams', '.pdopt'))
+    assert {'optimizer', 'lr_schedule', 'scaler', 'epoch'} <= set(state) and state['epoch'] == 1
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_checkpoints(data_path, tmp_path, monkeypatch):
+    calls = []
+    build_criterion = losses.build_criterion
+
+    def failing_criterion(config, mixup_active):
+        real = build_criterion(config, mixup_active)
+
+        def criterion(logits, targets):
+            calls.append(1)
+            loss = real(logits, targets)
+            return loss * float('nan') if len(calls) == 5 + 3 else loss  # epoch 2, step 3
+        return criterion
+
+    monkeypatch.setattr(losses, 'build_criterion', failing_criterion)
+    with pytest.raises(NonFiniteLossError, match=r'epoch 2, step 3/5'):
+        engine.run(tiny_config(data_path, str(tmp_path)))
+    assert len(glob.glob(str(tmp_path / 'CvT-Epoch-1-*.pdparams'))) == 1
+    assert not glob.glob(str(tmp_path / 'CvT-Epoch-2-*'))
+
+
+@pytest.mark.parametrize('changes, message', [
+    ({'DATA.DATA_PATH': '/no/such/folder'}, r'-data_path /no/such/folder: folder not found'),
+    ({'MODEL.PRETRAINED': '/no/such/weights'}, r'-pretrained: weights file not found'),
+    ({'MODEL.RESUME': '/no/such/checkpoint'}, r'-resume: weights file not found'),
+    ({'EVAL': True}, r'-eval needs the weights to evaluate'),
+    ({'DATA.BATCH_SIZE_EVAL': 31}, r'BATCH_SIZE_EVAL = 31 is larger than the val set \(30 images\)'),
+    ({'TRAIN.ACCUM_ITER': 6}, r'smaller than one optimizer step'),
+])
+def test_bad_inputs_fail_before_training_with_a_clear_message(data_path, tmp_path, changes, message):
+    with pytest.raises(UsageError, match=message):
+        engine.run(tiny_config(data_path, str(tmp_path), changes))
+    log = tmp_path / 'log.txt'
+    assert not log.exists() or 'Step[' not in log.read_text()
+
+
+def test_pretrained_weights_of_another_model_are_refused_listing_keys(data_path, tmp_path):
+    other = tiny_config(data_path, str(tmp_path), {'MODEL.DEPTH': [1, 1, 2]})
+    path = str(tmp_path / 'other.pdparams')
+    paddle.save(cvt.build_cvt(other).state_dict(), path)
+    with pytest.raises(UsageError, match=r'unexpected: stages\.2\.blocks\.1\.'):
+        engine.run(tiny_config(data_path, str(tmp_path), {'EVAL': True, 'MODEL.PRETRAINED': path}))
