@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Train CvT-13 (224x224) on ImageNet with one process per GPU on this machine
+# (BATCH_SIZE is per GPU; the LR scales with the global batch). Change the
+# settings below, or set them in the environment; extra arguments go to
+# main_multi_gpu.py. Several machines: see README ("Several machines").
+CONFIG=${CONFIG:-./configs/cvt-13-224x224.yaml}
+DATA_PATH=${DATA_PATH:-/dataset/imagenet}
+OUTPUT=${OUTPUT:-./output/train-multi}
+BATCH_SIZE=${BATCH_SIZE:-32}
+GPUS=${GPUS:-0,1,2,3}
+
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+
+CUDA_VISIBLE_DEVICES=$GPUS "$PYTHON" main_multi_gpu.py \
+  -cfg "$CONFIG" \
+  -dataset imagenet2012 \
+  -batch_size "$BATCH_SIZE" \
+  -data_path "$DATA_PATH" \
+  -output "$OUTPUT" \
+  "$@"
