@@ -36,7 +36,10 @@ _QUICK_GELU_SLOPE = 1.702
 
 
 def _on_cpu(x: paddle.Tensor) -> bool:
-    return x.place.is_cpu_place()
+    place = getattr(x, 'place', None) if paddle.in_dynamic_mode() else None
+    if place is None:  # a static-graph variable (to_static, export): the default device decides
+        return paddle.get_device() == 'cpu'
+    return place.is_cpu_place()
 
 
 def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor]) -> paddle.Tensor:
@@ -240,10 +243,10 @@ class Attention(nn.Layer):
     def _projected_maps(self, x_map):
         """Channels-first (B, C, L) maps of q, k and v after their convolutional projections."""
         q = x_map if self.conv_proj_q is None else self.conv_proj_q(x_map)
-        if not self.training and _is_dw_bn(self.conv_proj_k) and _is_dw_bn(self.conv_proj_v):
+        if _is_dw_bn(self.conv_proj_k) and _is_dw_bn(self.conv_proj_v):
             # channel c of the map gives channels 2c (k) and 2c+1 (v): one convolution
             # call instead of two (Paddle's depthwise kernel costs mostly per call)
-            kv = _folded_dw_bn(self.conv_proj_k, self.conv_proj_v, x_map).flatten(2)
+            kv = _paired_dw_bn(self.conv_proj_k, self.conv_proj_v, x_map).flatten(2)
             kv = kv.reshape([0, -1, 2, kv.shape[-1]])
             k, v = kv[:, :, 0], kv[:, :, 1]
         else:
@@ -295,27 +298,46 @@ class Attention(nn.Layer):
 
 
 def _is_dw_bn(projection: Optional[nn.Layer]) -> bool:
+    # exactly BatchNorm2D: SyncBatchNorm (multi-GPU) keeps the two layers apart
     return (isinstance(projection, nn.Sequential) and len(projection) == 2
-            and isinstance(projection[1], nn.BatchNorm2D))
+            and type(projection[1]) is nn.BatchNorm2D)
 
 
-def _folded_dw_bn(first: nn.Sequential, second: nn.Sequential, x_map):
-    """Two eval-mode dw_bn projections of one map as one grouped convolution.
+def _interleave(first: paddle.Tensor, second: paddle.Tensor) -> paddle.Tensor:
+    """Per-channel vectors [a0, a1, ...], [b0, b1, ...] -> [a0, b0, a1, b1, ...]."""
+    return paddle.stack([first, second], axis=1).reshape([-1])
 
-    Each BatchNorm is folded into its convolution (weight * gamma / sigma, bias
-    beta - mean * gamma / sigma); output channel 2c is `first`'s channel c and
-    2c+1 is `second`'s.
+
+def _paired_dw_bn(first: nn.Sequential, second: nn.Sequential, x_map):
+    """Two dw_bn projections of one map as one grouped convolution (2 outputs per
+    group): output channel 2c is `first`'s channel c, 2c+1 is `second`'s.
+
+    In eval each BatchNorm is folded into its convolution (weight * gamma / sigma,
+    bias beta - mean * gamma / sigma). In training one BatchNorm call normalises
+    the interleaved channels with the interleaved parameters and statistics, and
+    the updated running statistics are written back to the two layers: per
+    channel the same arithmetic as the two BatchNorms.
     """
-    weights, biases = [], []
-    for conv, norm in (first, second):
-        factor = norm.weight / paddle.sqrt(norm._variance + norm._epsilon)
-        weights.append(conv.weight * factor.reshape([-1, 1, 1, 1]))
-        biases.append(norm.bias - norm._mean * factor)
-    conv = first[0]
-    weight = paddle.stack(weights, axis=1).reshape([-1, 1] + list(conv.weight.shape[2:]))
-    bias = paddle.stack(biases, axis=1).reshape([-1])
-    return F.conv2d(x_map, weight, bias, stride=conv._stride, padding=conv._padding,
-                    dilation=conv._dilation, groups=conv._groups)
+    conv, norm_a, norm_b = first[0], first[1], second[1]
+    weight = paddle.stack([first[0].weight, second[0].weight], axis=1)
+    weight = weight.reshape([-1, 1] + list(conv.weight.shape[2:]))
+    options = dict(stride=conv._stride, padding=conv._padding, dilation=conv._dilation, groups=conv._groups)
+    if not norm_a.training:
+        factors = [norm.weight / paddle.sqrt(norm._variance + norm._epsilon) for norm in (norm_a, norm_b)]
+        weight = weight * _interleave(*factors).reshape([-1, 1, 1, 1])
+        bias = _interleave(norm_a.bias - norm_a._mean * factors[0], norm_b.bias - norm_b._mean * factors[1])
+        return F.conv2d(x_map, weight, bias, **options)
+    mean = _interleave(norm_a._mean, norm_b._mean)
+    variance = _interleave(norm_a._variance, norm_b._variance)
+    out = F.batch_norm(F.conv2d(x_map, weight, None, **options), mean, variance,
+                       weight=_interleave(norm_a.weight, norm_b.weight),
+                       bias=_interleave(norm_a.bias, norm_b.bias), training=True,
+                       momentum=norm_a._momentum, epsilon=norm_a._epsilon)
+    # F.batch_norm updated `mean` and `variance` in place
+    for column, norm in enumerate((norm_a, norm_b)):
+        norm._mean.set_value(mean.reshape([-1, 2])[:, column])
+        norm._variance.set_value(variance.reshape([-1, 2])[:, column])
+    return out
 
 
 class Block(nn.Layer):
