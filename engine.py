@@ -201,7 +201,6 @@ class Trainer:
     ema: Optional[ModelEma]
     autocast: bool
     steps_per_epoch: int
-    rank: int
     world_size: int
     logger: object
 
@@ -396,8 +395,11 @@ def resume(trainer: Trainer, path: str, last_epoch: int = 0) -> int:
     if last_epoch and last_epoch != epoch:
         log(f'-last_epoch {last_epoch} overrides the checkpoint\'s epoch {epoch}')
         epoch = last_epoch
-    trainer.lr_schedule.last_epoch = epoch * trainer.steps_per_epoch
-    trainer.lr_schedule.last_lr = trainer.lr_schedule.get_lr()
+    position = epoch * trainer.steps_per_epoch
+    if trainer.lr_schedule.last_epoch != position:
+        # another epoch (-last_epoch), batch or process count: the schedule follows the epoch
+        trainer.lr_schedule.last_epoch = position
+        trainer.lr_schedule.last_lr = trainer.lr_schedule.get_lr()
     if trainer.ema is not None:
         ema_path = prefix + '-EMA.pdparams'
         if os.path.isfile(ema_path):
@@ -492,47 +494,58 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
         return {'val': metrics}
 
     steps_per_epoch = len(train_loader) // config.TRAIN.ACCUM_ITER
+    trainer = build_trainer(config, model, mixup, steps_per_epoch, world_size, logger)
+    epochs_done = resume(trainer, config.MODEL.RESUME, config.TRAIN.LAST_EPOCH) if config.MODEL.RESUME else 0
+    logger.info(f'training epochs {epochs_done + 1}-{config.TRAIN.NUM_EPOCHS}: {steps_per_epoch} steps of '
+                f'{global_batch_size(config, world_size)} images each, peak LR {trainer.lr_schedule.peak_lr:.3e}')
+    return fit(trainer, train_loader, val_loader, len(val_set), epochs_done + 1, rank)
+
+
+def build_trainer(config, model: nn.Layer, mixup, steps_per_epoch: int, world_size: int, logger) -> Trainer:
+    """Optimizer, schedule, loss, loss scaler, EMA and the process wrapper around `model`."""
     use_amp = config.AMP and _use_gpu()
     if config.AMP and not use_amp:
         logger.info('-amp: no CUDA GPU here, and Paddle\'s autocast only works on one, '
                     'so this run trains in float32')
     lr_schedule = build_lr_schedule(config, steps_per_epoch, world_size)
-    trainer = Trainer(
+    ema = ModelEma(model, cvt.build_cvt(config), config.TRAIN.MODEL_EMA_DECAY) if config.TRAIN.MODEL_EMA else None
+    return Trainer(
         config=config, model=model, net=paddle.DataParallel(model) if world_size > 1 else model,
         optimizer=build_optimizer(config, model, lr_schedule), lr_schedule=lr_schedule,
-        scaler=paddle.amp.GradScaler(enable=use_amp), criterion=losses.build_criterion(config, mixup is not None),
-        mixup=mixup, ema=ModelEma(model, cvt.build_cvt(config), config.TRAIN.MODEL_EMA_DECAY)
-        if config.TRAIN.MODEL_EMA else None,
-        autocast=use_amp, steps_per_epoch=steps_per_epoch, rank=rank, world_size=world_size, logger=logger)
-    epochs_done = resume(trainer, config.MODEL.RESUME, config.TRAIN.LAST_EPOCH) if config.MODEL.RESUME else 0
-    logger.info(f'training epochs {epochs_done + 1}-{config.TRAIN.NUM_EPOCHS}: {steps_per_epoch} steps of '
-                f'{global_batch_size(config, world_size)} images each, peak LR {lr_schedule.peak_lr:.3e}')
+        scaler=paddle.amp.GradScaler(enable=use_amp),
+        criterion=losses.build_criterion(config, mixup is not None), mixup=mixup, ema=ema,
+        autocast=use_amp, steps_per_epoch=steps_per_epoch, world_size=world_size, logger=logger)
 
+
+def fit(trainer: Trainer, train_loader, val_loader, val_size: int, first_epoch: int, rank: int
+        ) -> Dict[str, object]:
+    """The epoch loop from `first_epoch` to TRAIN.NUM_EPOCHS: train, validate, save."""
+    config, logger, world_size = trainer.config, trainer.logger, trainer.world_size
+    num_epochs = config.TRAIN.NUM_EPOCHS
     result: Dict[str, object] = {'checkpoint': None}
-    for epoch in range(epochs_done + 1, config.TRAIN.NUM_EPOCHS + 1):
+    for epoch in range(first_epoch, num_epochs + 1):
         seed_everything(epoch_seed(config.SEED, epoch, rank))
         datasets.set_epoch(train_loader, epoch)
-        if mixup is not None:
-            mixup.set_epoch(epoch)
+        if trainer.mixup is not None:
+            trainer.mixup.set_epoch(epoch)
         start = time.time()
         train_loss, train_acc = train_one_epoch(trainer, train_loader, epoch)
-        average_batchnorm_statistics(model, world_size)
+        average_batchnorm_statistics(trainer.model, world_size)
         if trainer.ema is not None:
             average_batchnorm_statistics(trainer.ema.module, world_size)
-        logger.info(f'----- Epoch[{epoch:03d}/{config.TRAIN.NUM_EPOCHS:03d}], LR: {trainer.optimizer.get_lr():.6e}, '
+        logger.info(f'----- Epoch[{epoch:03d}/{num_epochs:03d}], LR: {trainer.optimizer.get_lr():.6e}, '
                     f'Train Loss: {train_loss:.4f}, Train Acc@1: {train_acc:.4f}, '
                     f'time: {format_seconds(time.time() - start)}')
         result['train_loss'] = train_loss
-        last = epoch == config.TRAIN.NUM_EPOCHS
+        last = epoch == num_epochs
         if epoch % config.VALIDATE_FREQ == 0 or last:
             start = time.time()
-            result['val'] = validate(model, val_loader, world_size, expected_count=len(val_set))
-            logger.info(f'----- Epoch[{epoch:03d}/{config.TRAIN.NUM_EPOCHS:03d}], '
+            result['val'] = validate(trainer.model, val_loader, world_size, expected_count=val_size)
+            logger.info(f'----- Epoch[{epoch:03d}/{num_epochs:03d}], '
                         f'{format_validation(result["val"])}, time: {time.time() - start:.2f}s')
             if trainer.ema is not None:
-                result['val_ema'] = validate(trainer.ema.module, val_loader, world_size,
-                                             expected_count=len(val_set))
-                logger.info(f'----- Epoch[{epoch:03d}/{config.TRAIN.NUM_EPOCHS:03d}], '
+                result['val_ema'] = validate(trainer.ema.module, val_loader, world_size, expected_count=val_size)
+                logger.info(f'----- Epoch[{epoch:03d}/{num_epochs:03d}], '
                             f'{format_validation(result["val_ema"], prefix="EMA ")}')
         if epoch % config.SAVE_FREQ == 0 or last:
             if rank == 0:
