@@ -177,7 +177,8 @@ class Attention(nn.Layer):
     # (`record_attention`) always takes the plain path.
     use_fast_path = True
     # the fused kernel F.scaled_dot_product_attention for softmax(q k^T) v; None:
-    # on GPU only (on CPU Paddle's kernel is slower than the two GEMMs and softmax)
+    # on GPU in float16/bfloat16 only (on CPU Paddle's kernel is slower than the
+    # two GEMMs and the softmax)
     use_fused_attention: Optional[bool] = None
 
     def forward(self, x, h: int, w: int):
@@ -233,7 +234,9 @@ class Attention(nn.Layer):
             q, k, v = (paddle.concat([cls_column, t], axis=2) for t in (q, k, v))
         fused = self.use_fused_attention
         if fused is None:
-            fused = not _on_cpu(x)
+            # Paddle's fused kernel is flash attention, for float16/bfloat16 on GPU
+            # (autocast makes the projections float16); float32 keeps the GEMMs
+            fused = not _on_cpu(x) and q.dtype in (paddle.float16, paddle.bfloat16)
         if fused and hasattr(F, 'scaled_dot_product_attention'):
             out = self._attend_fused(q, k, v)
         else:
@@ -287,7 +290,7 @@ class Attention(nn.Layer):
         def heads(t, weight, bias):
             t = paddle.matmul(t, weight, transpose_x=True)  # (B, L, C_out)
             if bias is not None:
-                t = t + bias
+                t = t + bias.astype(t.dtype)  # stay in autocast's float16 for the kernel
             return t.reshape([0, 0, self.num_heads, head_dim])
 
         q = heads(q, *self._scaled_q_projection(head_dim ** 0.5))

@@ -153,3 +153,21 @@ def test_state_dict_keys_unchanged_by_fast_paths():
     with paddle.no_grad():
         model(paddle.randn([2, 3, 32, 32]))
     assert list(model.state_dict()) == keys
+
+
+def test_runtime_sets_threads_and_mkl_path_but_respects_the_user(monkeypatch):
+    import runtime
+    for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'KMP_BLOCKTIME'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('MKL_NUM_THREADS', '1')
+    monkeypatch.setattr(runtime, '_usable_cores', lambda: 7)
+    monkeypatch.setattr(runtime, '_is_amd_cpu', lambda: True)
+    runtime.configure_environment()
+    assert os.environ['OMP_NUM_THREADS'] == '7'
+    assert os.environ['MKL_NUM_THREADS'] == '1'  # the user's
+    assert os.environ['MKL_DEBUG_CPU_TYPE'] == '5'
+    assert os.environ['KMP_BLOCKTIME'] == '0'
+    monkeypatch.delenv('MKL_DEBUG_CPU_TYPE')
+    monkeypatch.setattr(runtime, '_is_amd_cpu', lambda: False)
+    runtime.configure_environment()
+    assert 'MKL_DEBUG_CPU_TYPE' not in os.environ
