@@ -34,6 +34,7 @@ import losses
 import mixup as mixup_lib
 from utils import AverageMeter, NonFiniteLossError, UsageError, format_seconds, get_logger
 
+BATCH_NORMS = (nn.BatchNorm, nn.BatchNorm1D, nn.BatchNorm2D, nn.BatchNorm3D)
 # ops kept in float32 under float16 autocast: normalisation and attention weights
 FLOAT32_OPS = {'layer_norm', 'softmax'}
 TRAIN_STATE_FORMAT = 'cvt-train-state/1'
@@ -170,7 +171,7 @@ def average_batchnorm_statistics(model: nn.Layer, world_size: int) -> None:
     if world_size < 2:
         return
     for layer in model.sublayers(include_self=True):
-        if isinstance(layer, nn.layer.norm._BatchNormBase):
+        if isinstance(layer, BATCH_NORMS):
             for stat in (layer._mean, layer._variance):
                 dist.all_reduce(stat)
                 stat.set_value(stat / world_size)
@@ -390,7 +391,14 @@ def resume(trainer: Trainer, path: str, last_epoch: int = 0) -> int:
         if not last_epoch:
             raise UsageError(f'{state_path} holds only optimizer state (PaddleViT format): '
                              f'give the epoch it ended with -last_epoch N')
-        trainer.optimizer.set_state_dict(state)
+        # a key of one of this model's parameters renames to '_<accumulator>'
+        renamed = _rename_optimizer_state(state, {p.name: '' for p in trainer.model.parameters()})
+        if all(key.startswith('_') or key in ('LR_Scheduler', 'master_weights') for key in renamed):
+            # Paddle refuses an optimizer state without the schedule's; the epoch sets its position below
+            trainer.optimizer.set_state_dict({'LR_Scheduler': trainer.lr_schedule.state_dict(), **state})
+        else:
+            log(f'{state_path}: its parameter names are another process\'s; AdamW\'s moments restart '
+                f'from zero (weights, epoch and LR schedule are restored)')
         epoch = last_epoch
     if last_epoch and last_epoch != epoch:
         log(f'-last_epoch {last_epoch} overrides the checkpoint\'s epoch {epoch}')

@@ -176,3 +176,23 @@ def test_pretrained_weights_of_another_model_are_refused_listing_keys(data_path,
     paddle.save(cvt.build_cvt(other).state_dict(), path)
     with pytest.raises(UsageError, match=r'unexpected: stages\.2\.blocks\.1\.'):
         engine.run(tiny_config(data_path, str(tmp_path), {'EVAL': True, 'MODEL.PRETRAINED': path}))
+
+
+def test_paddlevit_optimizer_file_resumes_with_last_epoch(data_path, tmp_path):
+    config = tiny_config(data_path, str(tmp_path / 'first'), {'TRAIN.NUM_EPOCHS': 1})
+    checkpoint = engine.run(config)['checkpoint']
+    prefix = str(tmp_path / 'paddlevit')
+    paddle.save(paddle.load(checkpoint), prefix + '.pdparams')
+    model = cvt.build_cvt(config)
+    optimizer = engine.build_optimizer(config, model, 1e-3)
+    images, labels = _first_batch(config, 8)
+    engine.train_step(model, images, labels, losses.build_criterion(config, False), optimizer,
+                      paddle.amp.GradScaler(enable=False))
+    paddle.save(optimizer.state_dict(), prefix + '.pdopt')  # PaddleViT's .pdopt: the optimizer alone
+    with pytest.raises(UsageError, match='give the epoch it ended with -last_epoch'):
+        engine.run(tiny_config(data_path, str(tmp_path / 'second'), {'MODEL.RESUME': prefix}))
+    result = engine.run(tiny_config(data_path, str(tmp_path / 'third'),
+                                    {'MODEL.RESUME': prefix, 'TRAIN.LAST_EPOCH': 1}))
+    assert os.path.basename(result['checkpoint']).startswith('CvT-Epoch-2-')
+    log = (tmp_path / 'third' / 'log.txt').read_text()
+    assert 'Epoch[001/002], Step' not in log and "AdamW's moments restart" in log
