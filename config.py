@@ -109,6 +109,8 @@ _C.TRAIN.RANDOM_ERASE_SPLIT = False
 _C.TRAIN.DISTILLATION_TYPE = 'none'  # none, soft or hard
 _C.TRAIN.DISTILLATION_ALPHA = 0.5  # weight of the distillation term; 1 - alpha on the label loss
 _C.TRAIN.DISTILLATION_TAU = 1.0  # softmax temperature of soft distillation
+_C.TRAIN.TEACHER_CFG = ''  # yaml of the teacher CvT, when DISTILLATION_TYPE is soft or hard
+_C.TRAIN.TEACHER_PRETRAINED = ''  # the teacher's weights (.pdparams optional)
 
 # misc
 _C.SAVE = './output'

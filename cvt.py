@@ -610,12 +610,13 @@ def resolve_weights_path(path: str) -> str:
     raise FileNotFoundError(f'weights file not found: {path} (nor {path}.pdparams)')
 
 
-def load_pretrained(model: nn.Layer, path: str, log=print) -> List[str]:
+def load_pretrained(model: nn.Layer, path: str, log=print, allow_other_head: bool = True) -> List[str]:
     """Load weights from `path` into `model`, strictly.
 
     A classifier head of another size (another NUM_CLASSES) is left out with one
-    message; any other missing, unexpected or mis-shaped key is a ValueError that
-    lists them. Returns the keys left out.
+    message (with `allow_other_head`; else it is an error like any other); any
+    other missing, unexpected or mis-shaped key is a ValueError that lists them.
+    Returns the keys left out.
     """
     path = resolve_weights_path(path)
     state = paddle.load(path)
@@ -623,7 +624,8 @@ def load_pretrained(model: nn.Layer, path: str, log=print) -> List[str]:
         raise ValueError(f'{path}: not a state dict of weights')
     own = model.state_dict()
     shape = lambda t: tuple(int(s) for s in t.shape)
-    skipped = [k for k in HEAD_KEYS if k in state and (k not in own or shape(state[k]) != shape(own[k]))]
+    skipped = [k for k in HEAD_KEYS if allow_other_head and k in state
+               and (k not in own or shape(state[k]) != shape(own[k]))]
     missing = [k for k in own if k not in state and k not in skipped]
     unexpected = [k for k in state if k not in own and k not in skipped]
     mismatched = [f'{k} {shape(state[k])} vs model {shape(own[k])}'

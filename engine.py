@@ -32,6 +32,7 @@ import cvt
 import datasets
 import losses
 import mixup as mixup_lib
+from config import get_config
 from utils import AverageMeter, NonFiniteLossError, UsageError, format_seconds, get_logger
 
 BATCH_NORMS = (nn.BatchNorm, nn.BatchNorm1D, nn.BatchNorm2D, nn.BatchNorm3D)
@@ -140,7 +141,10 @@ def train_step(model: nn.Layer, images: paddle.Tensor, targets: paddle.Tensor, c
     with paddle.amp.auto_cast(enable=autocast, level='O1', dtype='float16',
                               custom_black_list=FLOAT32_OPS):
         logits = model(images)
-    loss = criterion(logits.astype('float32'), targets)
+    if isinstance(criterion, losses.DistillationLoss):
+        loss = criterion(images, logits.astype('float32'), targets)  # the teacher sees the images too
+    else:
+        loss = criterion(logits.astype('float32'), targets)
     scaler.scale(loss / accum_iter).backward()
     if update:
         scaler.step(optimizer)
@@ -349,15 +353,10 @@ def save_checkpoint(trainer: Trainer, epoch: int, loss: float) -> str:
 
 
 def _load_weights_exactly(model: nn.Layer, path: str) -> None:
-    state = paddle.load(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and list(state[k].shape) != list(own[k].shape)]
-    if missing or unexpected or mismatched:
-        raise UsageError(f'{path} does not fit the model of this config: missing {missing[:5]}, '
-                         f'unexpected {unexpected[:5]}, mis-shaped {mismatched[:5]}')
-    model.set_state_dict(state)
+    try:
+        cvt.load_pretrained(model, path, allow_other_head=False)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def resume(trainer: Trainer, path: str, last_epoch: int = 0) -> int:
@@ -444,6 +443,16 @@ def check_paths(config) -> None:
                 raise UsageError(f'{flag}: {err}') from None
     if config.EVAL and not (config.MODEL.PRETRAINED or config.MODEL.RESUME):
         raise UsageError('-eval needs the weights to evaluate: -pretrained PATH')
+    if config.TRAIN.DISTILLATION_TYPE != 'none' and not config.EVAL:
+        if not config.TRAIN.TEACHER_CFG or not config.TRAIN.TEACHER_PRETRAINED:
+            raise UsageError(f'TRAIN.DISTILLATION_TYPE = {config.TRAIN.DISTILLATION_TYPE!r} needs '
+                             f'TRAIN.TEACHER_CFG and TRAIN.TEACHER_PRETRAINED')
+        if not os.path.isfile(config.TRAIN.TEACHER_CFG):
+            raise UsageError(f'TRAIN.TEACHER_CFG {config.TRAIN.TEACHER_CFG}: config file not found')
+        try:
+            cvt.resolve_weights_path(config.TRAIN.TEACHER_PRETRAINED)
+        except FileNotFoundError as err:
+            raise UsageError(f'TRAIN.TEACHER_PRETRAINED: {err}') from None
 
 
 def _use_gpu() -> bool:
@@ -509,6 +518,35 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
     return fit(trainer, train_loader, val_loader, len(val_set), epochs_done + 1, rank)
 
 
+def build_teacher(config, logger) -> nn.Layer:
+    """The frozen teacher CvT of TRAIN.TEACHER_CFG with TRAIN.TEACHER_PRETRAINED, in eval
+    mode; it must predict the student's classes."""
+    teacher_config = get_config(config.TRAIN.TEACHER_CFG)
+    teacher_config.defrost()
+    teacher_config.MODEL.NUM_CLASSES = config.MODEL.NUM_CLASSES
+    teacher = cvt.build_cvt(teacher_config)
+    try:
+        cvt.load_pretrained(teacher, config.TRAIN.TEACHER_PRETRAINED, allow_other_head=False)
+    except ValueError as err:
+        raise UsageError(f'teacher: {err}') from None
+    for param in teacher.parameters():
+        param.stop_gradient = True
+    teacher.eval()
+    logger.info(f'distillation ({config.TRAIN.DISTILLATION_TYPE}, alpha {config.TRAIN.DISTILLATION_ALPHA}, '
+                f'tau {config.TRAIN.DISTILLATION_TAU}) from {teacher_config.MODEL.NAME} '
+                f'{config.TRAIN.TEACHER_PRETRAINED}')
+    return teacher
+
+
+def build_criterion(config, mixup_active: bool, logger) -> nn.Layer:
+    """The recipe's loss, wrapped in DistillationLoss when TRAIN.DISTILLATION_TYPE asks for it."""
+    criterion = losses.build_criterion(config, mixup_active)
+    if config.TRAIN.DISTILLATION_TYPE == 'none':
+        return criterion
+    return losses.DistillationLoss(criterion, build_teacher(config, logger), config.TRAIN.DISTILLATION_TYPE,
+                                   config.TRAIN.DISTILLATION_ALPHA, config.TRAIN.DISTILLATION_TAU)
+
+
 def build_trainer(config, model: nn.Layer, mixup, steps_per_epoch: int, world_size: int, logger) -> Trainer:
     """Optimizer, schedule, loss, loss scaler, EMA and the process wrapper around `model`."""
     use_amp = config.AMP and _use_gpu()
@@ -521,7 +559,7 @@ def build_trainer(config, model: nn.Layer, mixup, steps_per_epoch: int, world_si
         config=config, model=model, net=paddle.DataParallel(model) if world_size > 1 else model,
         optimizer=build_optimizer(config, model, lr_schedule), lr_schedule=lr_schedule,
         scaler=paddle.amp.GradScaler(enable=use_amp),
-        criterion=losses.build_criterion(config, mixup is not None), mixup=mixup, ema=ema,
+        criterion=build_criterion(config, mixup is not None, logger), mixup=mixup, ema=ema,
         autocast=use_amp, steps_per_epoch=steps_per_epoch, world_size=world_size, logger=logger)
 
 

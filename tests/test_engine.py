@@ -12,8 +12,9 @@ import cvt
 import datasets
 import engine
 import losses
-from tiny_training import make_tiny_data, tiny_config
-from utils import NonFiniteLossError, UsageError
+from tiny_training import make_tiny_data, tiny_config, write_tiny_yaml
+from config import get_config
+from utils import NonFiniteLossError, UsageError, get_logger
 
 
 @pytest.fixture(scope='module')
@@ -162,6 +163,9 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_checkpoints(data_
     ({'EVAL': True}, r'-eval needs the weights to evaluate'),
     ({'DATA.BATCH_SIZE_EVAL': 31}, r'BATCH_SIZE_EVAL = 31 is larger than the val set \(30 images\)'),
     ({'TRAIN.ACCUM_ITER': 6}, r'smaller than one optimizer step'),
+    ({'TRAIN.DISTILLATION_TYPE': 'soft'}, r'needs TRAIN.TEACHER_CFG and TRAIN.TEACHER_PRETRAINED'),
+    ({'TRAIN.DISTILLATION_TYPE': 'hard', 'TRAIN.TEACHER_CFG': '/no/teacher.yaml',
+      'TRAIN.TEACHER_PRETRAINED': '/no/teacher'}, r'TEACHER_CFG /no/teacher.yaml: config file not found'),
 ])
 def test_bad_inputs_fail_before_training_with_a_clear_message(data_path, tmp_path, changes, message):
     with pytest.raises(UsageError, match=message):
@@ -196,3 +200,35 @@ def test_paddlevit_optimizer_file_resumes_with_last_epoch(data_path, tmp_path):
     assert os.path.basename(result['checkpoint']).startswith('CvT-Epoch-2-')
     log = (tmp_path / 'third' / 'log.txt').read_text()
     assert 'Epoch[001/002], Step' not in log and "AdamW's moments restart" in log
+
+
+def test_distillation_adds_the_frozen_teachers_soft_targets_to_the_loss(data_path, tmp_path):
+    teacher_cfg = write_tiny_yaml(str(tmp_path / 'teacher.yaml'), data_path, str(tmp_path),
+                                  {'MODEL.DEPTH': [1, 1, 2]})
+    teacher_weights = str(tmp_path / 'teacher.pdparams')
+    source = cvt.build_cvt(get_config(teacher_cfg))
+    paddle.save(source.state_dict(), teacher_weights)
+    alpha, tau = 0.3, 2.0
+    config = tiny_config(data_path, str(tmp_path), {
+        'TRAIN.DISTILLATION_TYPE': 'soft', 'TRAIN.DISTILLATION_ALPHA': alpha, 'TRAIN.DISTILLATION_TAU': tau,
+        'TRAIN.TEACHER_CFG': teacher_cfg, 'TRAIN.TEACHER_PRETRAINED': teacher_weights[:-len('.pdparams')]})
+    model = cvt.build_cvt(config)
+    trainer = engine.build_trainer(config, model, None, 1, 1, get_logger(None))
+    assert isinstance(trainer.criterion, losses.DistillationLoss)
+    teacher = trainer.criterion.teacher_model
+    assert all(p.stop_gradient for p in teacher.parameters())
+    images, labels = _first_batch(config, 4)
+    model.train()
+    loss, logits = engine.train_step(model, images, labels, trainer.criterion, trainer.optimizer, trainer.scaler)
+
+    source.eval()
+    log_softmax = lambda z: z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - z.max(-1, keepdims=True)
+    teacher_log = log_softmax(source(images).numpy() / tau)
+    student_log = log_softmax(logits.numpy() / tau)
+    kl = (np.exp(teacher_log) * (teacher_log - student_log)).mean() * tau * tau
+    base = float(losses.build_criterion(config, False)(logits, labels))
+    assert float(loss) == pytest.approx((1 - alpha) * base + alpha * kl, rel=1e-4)
+    # the teacher did not train
+    for key, value in source.state_dict().items():
+        np.testing.assert_array_equal(teacher.state_dict()[key].numpy(), value.numpy())
