@@ -77,9 +77,12 @@ _C.TRAIN.LINEAR_SCALED_LR = None
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = 'warmupcosine'
-_C.TRAIN.LR_SCHEDULER.MILESTONES = "30, 60, 90"  # only used by the step scheduler
-_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # only used by the step scheduler
-_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # only used by the step scheduler
+# PaddleViT's step-scheduler settings, accepted so its yaml files load; the
+# engine implements warmupcosine only. A list, so that yacs' parsing of
+# PaddleViT's "30, 60, 90" string (a tuple) and a dumped config both load.
+_C.TRAIN.LR_SCHEDULER.MILESTONES = [30, 60, 90]
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
 
 _C.TRAIN.OPTIMIZER = CN()
 _C.TRAIN.OPTIMIZER.NAME = 'AdamW'

@@ -118,3 +118,14 @@ def test_update_config_eval_sets_eval_batch_and_disables_amp():
     args = argparse.Namespace(cfg=None, batch_size=7, eval=True, amp=True)
     config = update_config(get_config(), args)
     assert config.EVAL and config.DATA.BATCH_SIZE_EVAL == 7 and config.AMP is False
+
+
+def test_dumped_config_loads_back_equal(tmp_path):
+    config = get_config(os.path.join(CONFIGS, 'cvt-w24-384x384.yaml'))
+    path = write(tmp_path / 'dumped.yaml', config.dump())
+    assert get_config(path) == config
+
+
+def test_paddlevit_milestones_string_is_accepted(tmp_path):
+    path = write(tmp_path / 'pvit.yaml', 'TRAIN:\n  LR_SCHEDULER:\n    MILESTONES: "10, 20"\n')
+    assert list(get_config(path).TRAIN.LR_SCHEDULER.MILESTONES) == [10, 20]
