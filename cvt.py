@@ -14,6 +14,11 @@ files load with ``set_dict``:
     norm, head
 
 Linear weights are stored [in, out] (Paddle's layout).
+
+The attention and MLP compute the same functions as the official layers with
+fewer passes over the activations, and CPU inference splits the batch over
+threads (see README, Speed); `set_fast_paths(model, False)` runs the plain
+layers instead.
 """
 
 import math
@@ -221,8 +226,8 @@ class Attention(nn.Layer):
 
         q, k and v stay channels-first (B, C, L) from the convolutions on, and the
         GEMMs read them transposed, so no token/map transpose is copied; the scale
-        is folded into q's projection; in eval, k's and v's convolutions run as one
-        grouped convolution with their BatchNorms folded in.
+        is folded into q's projection; k's and v's convolutions run as one grouped
+        convolution (`_paired_dw_bn`).
         """
         if self.with_cls_token:
             cls_token, tokens = split_cls_token(x)
