@@ -11,7 +11,7 @@
 
 import os
 
-USER_SET_THREADS = 'OMP_NUM_THREADS' in os.environ
+USER_SET_THREADS = 'OMP_NUM_THREADS' in os.environ or 'MKL_NUM_THREADS' in os.environ
 
 import runtime  # noqa: E402,F401  (before paddle)
 

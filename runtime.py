@@ -5,6 +5,7 @@ import). Settings the user has made in the environment are left as they are.
 """
 
 import os
+import warnings
 
 
 def _usable_cores() -> int:
@@ -27,9 +28,9 @@ def _is_amd_cpu() -> bool:
 
 def configure_environment() -> None:
     """Set thread and math-library variables; must run before Paddle is imported."""
-    cores = str(_usable_cores())
-    os.environ.setdefault('OMP_NUM_THREADS', cores)
-    os.environ.setdefault('MKL_NUM_THREADS', cores)
+    # MKL's GEMMs take MKL_NUM_THREADS. OMP_NUM_THREADS is left to the user: MKL
+    # does not need it, and Paddle prints a warning at import when it is above 1.
+    os.environ.setdefault('MKL_NUM_THREADS', str(_usable_cores()))
     # Paddle's CPU wheel links Intel MKL, which takes a slow generic code path on
     # AMD processors unless told to use the AVX2/AVX-512 kernels.
     if _is_amd_cpu():
@@ -41,4 +42,7 @@ def configure_environment() -> None:
     os.environ.setdefault('KMP_BLOCKTIME', '0')
 
 
+# Paddle warns at import that its C++ extension builder found no ccache; this
+# project builds no extensions
+warnings.filterwarnings('ignore', message='No ccache found')
 configure_environment()

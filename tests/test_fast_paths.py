@@ -159,13 +159,15 @@ def test_runtime_sets_threads_and_mkl_path_but_respects_the_user(monkeypatch):
     import runtime
     for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'KMP_BLOCKTIME'):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv('MKL_NUM_THREADS', '1')
     monkeypatch.setattr(runtime, '_usable_cores', lambda: 7)
     monkeypatch.setattr(runtime, '_is_amd_cpu', lambda: True)
     runtime.configure_environment()
-    assert os.environ['OMP_NUM_THREADS'] == '7'
-    assert os.environ['MKL_NUM_THREADS'] == '1'  # the user's
+    assert os.environ['MKL_NUM_THREADS'] == '7'
+    assert 'OMP_NUM_THREADS' not in os.environ  # left to the user
     assert os.environ['MKL_DEBUG_CPU_TYPE'] == '5'
+    monkeypatch.setenv('MKL_NUM_THREADS', '1')
+    runtime.configure_environment()
+    assert os.environ['MKL_NUM_THREADS'] == '1'  # the user's
     assert os.environ['KMP_BLOCKTIME'] == '0'
     monkeypatch.delenv('MKL_DEBUG_CPU_TYPE')
     monkeypatch.setattr(runtime, '_is_amd_cpu', lambda: False)

@@ -94,7 +94,7 @@ def main() -> None:
     # the median step resists the odd slow step that other processes cause
     step_s = sorted(times)[len(times) // 2]
     print(f'paddle {paddle.__version__} on {paddle.get_device()}, threads '
-          f'{os.environ.get("OMP_NUM_THREADS")}, MKL_DEBUG_CPU_TYPE '
+          f'{os.environ.get("MKL_NUM_THREADS")}, MKL_DEBUG_CPU_TYPE '
           f'{os.environ.get("MKL_DEBUG_CPU_TYPE", "unset")}, {config.MODEL.NAME}, {args.mode}, '
           f'batch {args.batch_size}, {size}px, {"amp fp16" if args.amp else "fp32"}')
     print(f'{step_s * 1e3:.1f} ms/step (median of {args.iters}), peak memory {peak_memory_mb():.0f} MiB')

@@ -104,7 +104,7 @@ def create_predictor(model_dir: str, preprocess: dict, device: str = 'cpu', oned
                                               {name: [max_batch, 3, size, size]})
     else:
         config.disable_gpu()
-        config.set_cpu_math_library_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
+        config.set_cpu_math_library_num_threads(int(os.environ.get('MKL_NUM_THREADS', '1')))
         if onednn:
             config.enable_mkldnn()
         else:
