@@ -31,7 +31,11 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-_trunc_normal = nn.initializer.TruncatedNormal(std=0.02)
+# The official init is timm's trunc_normal_(std=0.02), truncated at +-2 absolute
+# (100 std): a plain normal in effect. Paddle's TruncatedNormal truncates at +-2
+# std in 2.6 (narrowing the spread) and +-2 absolute in 3.x, so a Normal is the
+# same on both.
+_trunc_normal = nn.initializer.Normal(mean=0.0, std=0.02)
 _xavier_uniform = nn.initializer.XavierUniform()
 _zeros = nn.initializer.Constant(0.0)
 _ones = nn.initializer.Constant(1.0)
@@ -112,7 +116,9 @@ class Mlp(nn.Layer):
 
 def tokens_to_map(x, h: int, w: int):
     """(B, H*W, C) tokens -> (B, C, H, W) feature map, contiguous."""
-    x = x.transpose([0, 2, 1]).reshape([0, -1, h, w])
+    # the channel count from the shape, not -1: static graphs (export) with a
+    # dynamic batch cannot infer it
+    x = x.transpose([0, 2, 1]).reshape([0, x.shape[2], h, w])
     # Paddle 3 returns a strided view here; copy it once, not in each convolution that reads it
     return x.contiguous() if hasattr(x, 'contiguous') else x
 
