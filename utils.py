@@ -4,7 +4,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 from config import ConfigError
 
@@ -88,6 +88,14 @@ def format_seconds(seconds: float) -> str:
     return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
 
 
+def fail(message: str, code: int = 2, quiet: bool = False) -> NoReturn:
+    """End the program the project's way for an expected problem: one line on
+    stderr (unless `quiet`), no traceback, exit `code` (2: bad input)."""
+    if not quiet:
+        print(f'error: {message}', file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def report_errors(func: Callable[..., None], *args, quiet: bool = False, **kwargs) -> None:
     """Run `func`; turn the expected errors into one line on stderr and an exit code.
 
@@ -98,9 +106,6 @@ def report_errors(func: Callable[..., None], *args, quiet: bool = False, **kwarg
     try:
         func(*args, **kwargs)
     except USAGE_ERRORS as err:
-        if not quiet:
-            print(f'error: {err}', file=sys.stderr, flush=True)
-        sys.exit(2)
+        fail(str(err), quiet=quiet)
     except NonFiniteLossError as err:
-        print(f'error: {err}', file=sys.stderr, flush=True)
-        sys.exit(1)
+        fail(str(err), code=1)

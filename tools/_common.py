@@ -6,18 +6,14 @@ The tools import this after ``runtime`` (which must come before Paddle).
 
 import os
 import sys
-from typing import Callable, Iterator, List, NoReturn, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from utils import fail  # noqa: F401  (the tools stop on bad input as the training scripts do)
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif', '.ppm', '.jfif')
-
-
-def fail(message: str) -> NoReturn:
-    """Bad input: one line on stderr, exit code 2, no traceback."""
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
 
 
 def load_config(cfg_file: str):
