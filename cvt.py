@@ -31,6 +31,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+import cpu_kernels
+
 # The official init is timm's trunc_normal_(std=0.02), truncated at +-2 absolute
 # (100 std): a plain normal in effect. Paddle's TruncatedNormal truncates at +-2
 # std in 2.6 (narrowing the spread) and +-2 absolute in 3.x, so a Normal is the
@@ -59,6 +61,8 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor
     """
     if bias is None or not _on_cpu(x):
         return F.linear(x, weight, bias)
+    if paddle.is_grad_enabled() and cpu_kernels.active(x):
+        return cpu_kernels.linear(x, weight, bias)  # the same forward, a faster bias gradient
     rows = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
     return rows.reshape(list(x.shape[:-1]) + [weight.shape[1]])
 
@@ -68,6 +72,19 @@ class QuickGELU(nn.Layer):
 
     def forward(self, x):
         return x * F.sigmoid(1.702 * x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over the last axis; on the CPU through the threaded kernel."""
+
+    # False: Paddle's own layer_norm (the reference the kernel is tested against)
+    use_fast_path = True
+
+    def forward(self, x):
+        if (self.use_fast_path and self.weight is not None and self.bias is not None
+                and cpu_kernels.active(x)):
+            return cpu_kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
+        return F.layer_norm(x, self._normalized_shape, self.weight, self.bias, self._epsilon)
 
 
 class DropPath(nn.Layer):
@@ -110,7 +127,7 @@ class Mlp(nn.Layer):
         # Scaling the small weight matrices costs far less than passes over the
         # activations, and gradients flow through it unchanged.
         hidden = linear(x, self.fc1.weight * _QUICK_GELU_SLOPE, self.fc1.bias * _QUICK_GELU_SLOPE)
-        hidden = self.drop(F.silu(hidden))
+        hidden = self.drop(cpu_kernels.silu(hidden) if cpu_kernels.active(hidden) else F.silu(hidden))
         return self.drop(linear(hidden, self.fc2.weight * (1.0 / _QUICK_GELU_SLOPE), self.fc2.bias))
 
 
@@ -256,6 +273,9 @@ class Attention(nn.Layer):
 
     def _projected_maps(self, x_map):
         """Channels-first (B, C, L) maps of q, k and v after their convolutional projections."""
+        if cpu_kernels.active(x_map):
+            return tuple(_project_on_cpu(projection, x_map).flatten(2)
+                         for projection in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v))
         q = x_map if self.conv_proj_q is None else self.conv_proj_q(x_map)
         if _is_dw_bn(self.conv_proj_k) and _is_dw_bn(self.conv_proj_v):
             # channel c of the map gives channels 2c (k) and 2c+1 (v): one convolution
@@ -277,21 +297,24 @@ class Attention(nn.Layer):
 
     def _attend(self, q, k, v):
         """softmax(q k^T * scale) v, projected; channels-first inputs, (B, Lq, C) out."""
+        kernels = cpu_kernels.active(q)  # Paddle's CPU softmax and bias gradients are single-threaded
+
         def heads(t, weight, bias):
             # (C_out, C_in) x (B, C_in, L) -> (B, C_out, L) -> (B, heads, head_dim, L): no copy
             t = paddle.matmul(weight, t, transpose_x=True)
             if bias is not None:
-                t = t + bias.unsqueeze(-1)
+                t = cpu_kernels.add_bias(t, bias, axis=1) if kernels else t + bias.unsqueeze(-1)
             return t.reshape([0, self.num_heads, -1, t.shape[-1]])
 
         q = heads(q, *self._scaled_q_projection())
         k = heads(k, self.proj_k.weight, self.proj_k.bias)
         v = heads(v, self.proj_v.weight, self.proj_v.bias)
-        attn = self.attn_drop(F.softmax(paddle.matmul(q, k, transpose_x=True), axis=-1))
+        scores = paddle.matmul(q, k, transpose_x=True)
+        attn = self.attn_drop(cpu_kernels.softmax(scores) if kernels else F.softmax(scores, axis=-1))
         out = paddle.matmul(v, attn, transpose_y=True)  # (B, heads, head_dim, Lq)
         out = paddle.matmul(out.reshape([0, self.dim_out, out.shape[-1]]), self.proj.weight,
                             transpose_x=True)
-        return out + self.proj.bias
+        return cpu_kernels.add_bias(out, self.proj.bias) if kernels else out + self.proj.bias
 
     def _attend_fused(self, q, k, v):
         """The same through F.scaled_dot_product_attention, which takes (B, L, heads, head_dim)
@@ -315,6 +338,33 @@ def _is_dw_bn(projection: Optional[nn.Layer]) -> bool:
     # exactly BatchNorm2D: SyncBatchNorm (multi-GPU) keeps the two layers apart
     return (isinstance(projection, nn.Sequential) and len(projection) == 2
             and type(projection[1]) is nn.BatchNorm2D)
+
+
+def _project_on_cpu(projection: Optional[nn.Layer], x_map):
+    """One convolutional projection, a dw_bn one through the threaded depthwise kernel
+    (with BatchNorm folded into it in inference)."""
+    if projection is None:
+        return x_map
+    if not (_is_dw_bn(projection) and _kernel_fits(projection[0])):
+        return projection(x_map)
+    conv, norm = projection[0], projection[1]
+    stride, padding = conv._stride[0], conv._updated_padding[0]
+    if not norm.training and not paddle.is_grad_enabled():
+        factor = norm.weight / paddle.sqrt(norm._variance + norm._epsilon)
+        return cpu_kernels.depthwise_conv2d(x_map, conv.weight * factor.reshape([-1, 1, 1, 1]),
+                                            norm.bias - norm._mean * factor, stride, padding)
+    return norm(cpu_kernels.depthwise_conv2d(x_map, conv.weight, None, stride, padding))
+
+
+def _kernel_fits(conv: nn.Conv2D) -> bool:
+    """Whether cpu_kernels.depthwise_conv2d computes `conv`: depthwise, no bias, NCHW,
+    a square kernel of at most 8x8, equal strides and zero paddings, no dilation."""
+    kernel, stride, padding = list(conv._kernel_size), list(conv._stride), conv._updated_padding
+    return (conv._groups == conv._in_channels == conv._out_channels and conv.bias is None
+            and conv._data_format == 'NCHW' and conv._padding_mode == 'zeros'
+            and list(conv._dilation) == [1, 1] and kernel[0] == kernel[1] and kernel[0] <= 8
+            and stride[0] == stride[1] and isinstance(padding, (list, tuple)) and len(padding) == 2
+            and padding[0] == padding[1])
 
 
 def _interleave(first: paddle.Tensor, second: paddle.Tensor) -> paddle.Tensor:
@@ -361,10 +411,10 @@ class Block(nn.Layer):
                  qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, **attn_kwargs):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim_in, epsilon=1e-5)
+        self.norm1 = LayerNorm(dim_in, epsilon=1e-5)
         self.attn = Attention(dim_in, dim_out, num_heads, qkv_bias, attn_drop, drop, **attn_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim_out, epsilon=1e-5)
+        self.norm2 = LayerNorm(dim_out, epsilon=1e-5)
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), drop)
 
     def forward(self, x, h: int, w: int):
@@ -378,11 +428,21 @@ class ConvEmbed(nn.Layer):
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, stride: int, padding: int):
         super().__init__()
         self.proj = nn.Conv2D(in_chans, embed_dim, patch_size, stride=stride, padding=padding)
-        self.norm = nn.LayerNorm(embed_dim, epsilon=1e-5)
+        self.norm = LayerNorm(embed_dim, epsilon=1e-5)
+
+    # False: the Conv2D layer as it is (the reference for the path below)
+    use_fast_path = True
 
     def forward(self, x) -> Tuple[paddle.Tensor, int, int]:
         """(B, C, H, W) map -> (B, H'*W', D) tokens, H', W'."""
-        x = self.proj(x)
+        conv = self.proj
+        if self.use_fast_path and conv.bias is not None and cpu_kernels.active(x):
+            # the bias added as (C, 1, 1): Paddle's CPU add takes a slow path for
+            # Conv2D's (1, C, 1, 1), and its bias gradient is single-threaded
+            x = F.conv2d(x, conv.weight, None, conv._stride, conv._padding, conv._dilation, conv._groups)
+            x = cpu_kernels.add_bias(x, conv.bias, axis=1)
+        else:
+            x = conv(x)
         h, w = x.shape[2], x.shape[3]
         return self.norm(map_to_tokens(x)), h, w
 
@@ -476,7 +536,7 @@ class ConvolutionalVisionTransformer(nn.Layer):
             in_chans = dim_embed[i]
         self.stages = nn.LayerList(stages)
         self.num_features = dim_embed[-1]
-        self.norm = nn.LayerNorm(self.num_features, epsilon=1e-5)
+        self.norm = LayerNorm(self.num_features, epsilon=1e-5)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             _trunc_normal(self.head.weight)
@@ -504,9 +564,13 @@ class ConvolutionalVisionTransformer(nn.Layer):
     def _inference_parts(self, x) -> int:
         """How many threads share this forward: one per usable core for eval-mode,
         no-grad CPU forwards of a batch (where samples do not interact: BatchNorm
-        uses its running statistics), else 1."""
+        uses its running statistics) when the threaded CPU kernels are not
+        available (with them, one forward already keeps the cores busy and
+        splitting is slower), else 1."""
         if (not self.parallel_inference or self.training or paddle.is_grad_enabled()
                 or not paddle.in_dynamic_mode() or not _on_cpu(x) or _autocast_on()):
+            return 1
+        if cpu_kernels.active(x):
             return 1
         if any(block.attn.attention_sink is not None for stage in self.stages for block in stage.blocks):
             return 1  # recording attention wants each forward's weights whole
@@ -602,7 +666,7 @@ def set_fast_paths(model: nn.Layer, enabled: bool = True, fused_attention: Optio
     Both give the same outputs; the switch is for tests and for debugging.
     """
     for layer in model.sublayers(include_self=True):
-        if isinstance(layer, (Attention, Mlp)):
+        if isinstance(layer, (Attention, Mlp, LayerNorm, ConvEmbed)):
             layer.use_fast_path = enabled
         if isinstance(layer, Attention):
             layer.use_fused_attention = fused_attention

@@ -14,10 +14,22 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
+import cpu_kernels
 import cvt
 from config import get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=['cpu-kernels', 'paddle-ops'])
+def cpu_ops(request, monkeypatch):
+    """The fast paths both ways: through the threaded CPU kernels, and through
+    Paddle's ops (as on GPU, or where no C compiler is found)."""
+    if request.param == 'paddle-ops':
+        monkeypatch.setattr(cpu_kernels, 'active', lambda x: False)
+    elif cpu_kernels.load() is None:
+        pytest.skip('no C compiler here: the CPU kernels cannot be built')
+    return request.param
 
 
 def small_model(image_cls=(False, False, True), method='dw_bn', **model_keys) -> cvt.ConvolutionalVisionTransformer:
@@ -51,7 +63,7 @@ def eval_logits(model, images, fast: bool, fused=None) -> np.ndarray:
 
 @pytest.mark.parametrize('method', ['dw_bn', 'avg', 'linear'])
 @pytest.mark.parametrize('cls_token', [(False, False, True), (False, False, False)])
-def test_eval_logits_match_plain_path(method, cls_token):
+def test_eval_logits_match_plain_path(method, cls_token, cpu_ops):
     model = small_model(cls_token, method)
     images = paddle.randn([3, 3, 64, 64])
     plain = eval_logits(model, images, fast=False)
@@ -59,7 +71,7 @@ def test_eval_logits_match_plain_path(method, cls_token):
     np.testing.assert_allclose(eval_logits(model, images, fast=True, fused=True), plain, atol=1e-4, rtol=0)
 
 
-def test_cvt13_logits_match_plain_path_at_224():
+def test_cvt13_logits_match_plain_path_at_224(cpu_ops):
     """The released architecture at its resolution, where Paddle's kernels take their large-size paths."""
     model = cvt.build_cvt(get_config(os.path.join(ROOT, 'configs', 'cvt-13-224x224.yaml')))
     images = paddle.randn([2, 3, 224, 224])
@@ -68,6 +80,8 @@ def test_cvt13_logits_match_plain_path_at_224():
 
 
 def test_threaded_inference_matches_one_thread_for_odd_batch(monkeypatch):
+    # threads split the batch only where the CPU kernels are not in use
+    monkeypatch.setattr(cpu_kernels, 'active', lambda x: False)
     model = small_model()
     images = paddle.randn([5, 3, 64, 64])
     model.eval()
@@ -92,9 +106,11 @@ def test_threads_only_for_no_grad_eval_forwards():
         model.eval()
         with cvt.record_attention(model):
             assert model._inference_parts(images) == 1
+        if cpu_kernels.load() is not None:  # the kernels thread each op: no split
+            assert model._inference_parts(images) == 1
 
 
-def test_training_gradients_and_batchnorm_statistics_match_plain_path():
+def test_training_gradients_and_batchnorm_statistics_match_plain_path(cpu_ops):
     fast = small_model()
     plain = copy.deepcopy(fast)
     cvt.set_fast_paths(plain, False)

@@ -1,0 +1,354 @@
+"""Multi-threaded CPU kernels (csrc/cpu_kernels.c) as differentiable Paddle ops.
+
+Paddle's CPU kernels for depthwise convolution, softmax, LayerNorm's gradient,
+SiLU and bias gradients run on one thread, several times slower than the
+memory traffic allows; on a CvT they cost as much as all the matrix products.
+This module compiles the C file once per machine (``cc -O3 -march=native
+-fopenmp``, about two seconds; the library is cached under ``CVT_CACHE_DIR``,
+default ``~/.cache/cvt-paddle``), loads it with ctypes and wraps each kernel
+in a ``PyLayer`` with its hand-written backward.
+
+`active(x)` says whether an op may take the kernel path for tensor `x`: in
+dynamic mode, float32, on the CPU, with the library built. Everywhere else
+(GPU, float16 autocast, static graphs for export, no C compiler, or
+``CVT_CPU_KERNELS=0`` in the environment) the callers use Paddle's own ops.
+A failed build warns once and falls back; it never stops a run.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from typing import Optional, Sequence
+
+import paddle
+from paddle.autograd import PyLayer
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_kernels.c')
+_FLAGS = ['-O3', '-march=native', '-fopenmp', '-fPIC', '-std=c99']
+
+_lock = threading.Lock()
+_library: Optional[ctypes.CDLL] = None
+_load_attempted = False
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    lines = []
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(('model name', 'flags')):
+                    lines.append(line)
+                if len(lines) >= 2:
+                    break
+    except OSError:
+        lines.append(platform.processor())
+    return ''.join(lines)
+
+
+def _paddle_openmp() -> Optional[str]:
+    """Paddle's own Intel OpenMP runtime, so that the kernels share MKL's thread pool
+    instead of starting a second one (GNU OpenMP) that competes for the cores."""
+    path = os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libiomp5.so')
+    return path if os.path.isfile(path) else None
+
+
+def _cache_dir() -> str:
+    default = os.path.join(os.path.expanduser('~'), '.cache', 'cvt-paddle')
+    return os.environ.get('CVT_CACHE_DIR', default)
+
+
+def _compile(compiler: str, output: str) -> None:
+    """Build the shared library at `output`, atomically (a temporary file, then a rename),
+    so that processes starting together never load a half-written file."""
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    handle, partial = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(output))
+    os.close(handle)
+    objects = partial[:-3] + '.o'
+    run = lambda *args: subprocess.run([compiler, *args], check=True, capture_output=True, text=True)
+    try:
+        run(*_FLAGS, '-c', _SOURCE, '-o', objects)
+        iomp = _paddle_openmp()
+        try:
+            if iomp is None:
+                raise FileNotFoundError('libiomp5.so')
+            # Paddle's libiomp5 implements the GNU OpenMP entry points; -z defs makes
+            # a missing one a link error here rather than a load error later
+            run('-shared', objects, '-o', partial, iomp, '-Wl,-rpath,' + os.path.dirname(iomp),
+                '-Wl,-z,defs', '-lm')
+        except (OSError, subprocess.CalledProcessError):
+            run('-shared', '-fopenmp', objects, '-o', partial, '-lm')
+        os.replace(partial, output)
+    finally:
+        for leftover in (partial, objects):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    signatures = {
+        'cvt_set_threads': [ctypes.c_int],
+        'cvt_dwconv2d_forward': [ptr] * 4 + [i64] * 9,
+        'cvt_dwconv2d_backward': [ptr] * 5 + [i64] * 9,
+        'cvt_softmax_forward': [ptr] * 2 + [i64] * 2,
+        'cvt_softmax_backward': [ptr] * 3 + [i64] * 2,
+        'cvt_layer_norm_forward': [ptr] * 6 + [i64] * 2 + [ctypes.c_float],
+        'cvt_layer_norm_backward': [ptr] * 8 + [i64] * 2,
+        'cvt_silu_forward': [ptr] * 2 + [i64],
+        'cvt_silu_backward': [ptr] * 3 + [i64],
+        'cvt_channel_sum': [ptr] * 2 + [i64] * 3,
+    }
+    for name, argtypes in signatures.items():
+        function = getattr(library, name)
+        function.argtypes = argtypes
+        function.restype = None
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def load() -> Optional[ctypes.CDLL]:
+    """The compiled kernels, building them on first use; None where they cannot be had."""
+    global _library, _load_attempted
+    if _load_attempted:
+        return _library
+    with _lock:
+        if _load_attempted:
+            return _library
+        _load_attempted = True
+        if os.environ.get('CVT_CPU_KERNELS', '1') == '0' or not sys.platform.startswith('linux'):
+            return None
+        compiler = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
+        if compiler is None:
+            warnings.warn('cpu_kernels: no C compiler (cc) found; using Paddle\'s slower CPU ops')
+            return None
+        with open(_SOURCE, 'rb') as source:
+            key = hashlib.sha256(source.read() + ' '.join(_FLAGS).encode() + compiler.encode()
+                                 + _cpu_signature().encode() + str(_paddle_openmp()).encode())
+        output = os.path.join(_cache_dir(), f'cpu_kernels-{key.hexdigest()[:16]}.so')
+        try:
+            if not os.path.isfile(output):
+                _compile(compiler, output)
+            library = ctypes.CDLL(output)
+            _declare(library)
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, 'stderr', '') or str(error)
+            warnings.warn(f'cpu_kernels: could not build {_SOURCE} ({detail.strip()[:300]}); '
+                          'using Paddle\'s slower CPU ops')
+            return None
+        library.cvt_set_threads(int(os.environ.get('MKL_NUM_THREADS', _usable_cores())))
+        _library = library
+    return _library
+
+
+def active(x: paddle.Tensor) -> bool:
+    """True where the kernels apply to `x`: dynamic mode, float32, CPU, library built."""
+    if not paddle.in_dynamic_mode() or x.dtype != paddle.float32:
+        return False
+    if not x.place.is_cpu_place():
+        return False
+    return load() is not None
+
+
+def _contiguous(x: paddle.Tensor) -> paddle.Tensor:
+    # Paddle 3 hands out strided views (transpose, slices); the kernels read raw memory
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _ptr(x: Optional[paddle.Tensor]) -> Optional[int]:
+    return None if x is None else x.data_ptr()
+
+
+def _empty(shape: Sequence[int]) -> paddle.Tensor:
+    return paddle.empty([int(s) for s in shape], dtype='float32')
+
+
+class _DepthwiseConv2D(PyLayer):
+    @staticmethod
+    def forward(ctx, x, weight, stride: int, padding: int):
+        x, weight = _contiguous(x), _contiguous(weight)
+        y, geometry = _dwconv_forward(x, weight, None, stride, padding)
+        ctx.geometry = geometry
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensor()
+        dy = _contiguous(dy)
+        dx = _empty(x.shape) if not x.stop_gradient else None
+        dweight = _empty(weight.shape) if not weight.stop_gradient else None
+        load().cvt_dwconv2d_backward(_ptr(dy), _ptr(x), _ptr(weight), _ptr(dx), _ptr(dweight),
+                                     *ctx.geometry)
+        return dx, dweight
+
+
+def _dwconv_forward(x, weight, bias, stride: int, padding: int):
+    batch, channels, height, width = (int(s) for s in x.shape)
+    kernel = int(weight.shape[-1])
+    out_h = (height + 2 * padding - kernel) // stride + 1
+    out_w = (width + 2 * padding - kernel) // stride + 1
+    geometry = (batch, channels, height, width, kernel, stride, padding, out_h, out_w)
+    y = _empty([batch, channels, out_h, out_w])
+    load().cvt_dwconv2d_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), *geometry)
+    return y, geometry
+
+
+def depthwise_conv2d(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor] = None,
+                     stride: int = 1, padding: int = 0) -> paddle.Tensor:
+    """Depthwise convolution of (B, C, H, W) `x` with a (C, 1, K, K) `weight`, square
+    kernel, the same `stride` and zero `padding` on both axes; `bias` (C,) for
+    inference only (no gradient: it serves BatchNorm folded into the weights)."""
+    if int(weight.shape[-1]) ** 2 > 64 or int(weight.shape[1]) != 1:
+        raise ValueError(f'depthwise_conv2d: kernel {list(weight.shape)} not supported (K*K <= 64, one filter per channel)')
+    if bias is not None:
+        if not (x.stop_gradient and weight.stop_gradient and bias.stop_gradient) and paddle.is_grad_enabled():
+            raise ValueError('depthwise_conv2d: a bias is for inference (no gradient)')
+        return _dwconv_forward(_contiguous(x), _contiguous(weight), _contiguous(bias), stride, padding)[0]
+    return _DepthwiseConv2D.apply(x, weight, stride, padding)
+
+
+class _Softmax(PyLayer):
+    @staticmethod
+    def forward(ctx, x):
+        x = _contiguous(x)
+        y = _empty(x.shape)
+        cols = int(x.shape[-1])
+        load().cvt_softmax_forward(_ptr(x), _ptr(y), int(x.size) // cols, cols)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensor()
+        dy = _contiguous(dy)
+        dx = _empty(y.shape)
+        cols = int(y.shape[-1])
+        load().cvt_softmax_backward(_ptr(y), _ptr(dy), _ptr(dx), int(y.size) // cols, cols)
+        return dx
+
+
+def softmax(x: paddle.Tensor) -> paddle.Tensor:
+    """Softmax over the last axis."""
+    return _Softmax.apply(x)
+
+
+class _LayerNorm(PyLayer):
+    @staticmethod
+    def forward(ctx, x, weight, bias, epsilon: float):
+        x = _contiguous(x)
+        cols = int(x.shape[-1])
+        rows = int(x.size) // cols
+        y = _empty(x.shape)
+        mean, rstd = _empty([rows]), _empty([rows])
+        load().cvt_layer_norm_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), _ptr(mean), _ptr(rstd),
+                                      rows, cols, epsilon)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensor()
+        dy = _contiguous(dy)
+        cols = int(x.shape[-1])
+        dx, dweight, dbias = _empty(x.shape), _empty([cols]), _empty([cols])
+        load().cvt_layer_norm_backward(_ptr(dy), _ptr(x), _ptr(weight), _ptr(mean), _ptr(rstd),
+                                       _ptr(dx), _ptr(dweight), _ptr(dbias), int(x.size) // cols, cols)
+        return dx, dweight, dbias
+
+
+def layer_norm(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor, epsilon: float) -> paddle.Tensor:
+    """LayerNorm over the last axis with an affine `weight` and `bias`."""
+    return _LayerNorm.apply(x, weight, bias, epsilon)
+
+
+class _SiLU(PyLayer):
+    @staticmethod
+    def forward(ctx, x):
+        x = _contiguous(x)
+        y = _empty(x.shape)
+        load().cvt_silu_forward(_ptr(x), _ptr(y), int(x.size))
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensor()
+        dy = _contiguous(dy)
+        dx = _empty(x.shape)
+        load().cvt_silu_backward(_ptr(x), _ptr(dy), _ptr(dx), int(x.size))
+        return dx
+
+
+def silu(x: paddle.Tensor) -> paddle.Tensor:
+    """x * sigmoid(x)."""
+    return _SiLU.apply(x)
+
+
+def channel_sum(x: paddle.Tensor, channels_axis: int) -> paddle.Tensor:
+    """Sum of `x` over every axis but `channels_axis`: the gradient of a broadcast bias."""
+    x = _contiguous(x)
+    shape = [int(s) for s in x.shape]
+    channels_axis %= len(shape)
+    outer = 1
+    for s in shape[:channels_axis]:
+        outer *= s
+    inner = 1
+    for s in shape[channels_axis + 1:]:
+        inner *= s
+    out = _empty([shape[channels_axis]])
+    load().cvt_channel_sum(_ptr(x), _ptr(out), outer, shape[channels_axis], inner)
+    return out
+
+
+class _Linear(PyLayer):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        rows = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
+        ctx.save_for_backward(x, weight)
+        return rows.reshape(list(x.shape[:-1]) + [weight.shape[1]])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensor()
+        dy = _contiguous(dy).reshape([-1, weight.shape[1]])
+        x_rows = x.reshape([-1, weight.shape[0]])
+        dx = paddle.matmul(dy, weight, transpose_y=True).reshape(x.shape) if not x.stop_gradient else None
+        dweight = paddle.matmul(x_rows, dy, transpose_x=True) if not weight.stop_gradient else None
+        return dx, dweight, channel_sum(dy, 1)
+
+
+def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
+    """``x @ weight + bias`` over the last axis: addmm forward (the bias inside the
+    GEMM) and a backward whose bias gradient is a threaded column sum."""
+    return _Linear.apply(x, weight, bias)
+
+
+class _AddBias(PyLayer):
+    @staticmethod
+    def forward(ctx, x, bias, axis: int):
+        ctx.axis = axis % len(x.shape)
+        # (C, 1, ..) broadcasts over the leading axes; Paddle's CPU add is several times
+        # slower when the bias is given as many axes as x, (1, C, 1)
+        return x + bias.reshape([-1] + [1] * (len(x.shape) - 1 - ctx.axis))
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, channel_sum(dy, ctx.axis)
+
+
+def add_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int = -1) -> paddle.Tensor:
+    """`x` plus a 1-D `bias` broadcast along `axis`; the bias gradient is a threaded sum."""
+    return _AddBias.apply(x, bias, axis)

@@ -1,0 +1,351 @@
+/* Multi-threaded float32 CPU kernels for the layers where Paddle's own CPU
+ * kernels are single-threaded and slow: depthwise convolution, softmax,
+ * LayerNorm, SiLU and bias gradients (sums over rows or channels).
+ *
+ * Plain C with OpenMP, compiled at first use by cpu_kernels.py (gcc -O3
+ * -march=native), called through ctypes on the tensors' own memory. Every
+ * array is contiguous, row-major float32; the Python side checks that.
+ * NaN and infinity propagate as in the reference ops (no fast-math).
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <omp.h>
+
+static int g_threads = 1;
+
+void cvt_set_threads(int threads) { g_threads = threads > 0 ? threads : 1; }
+
+int cvt_get_threads(void) { return g_threads; }
+
+/* Below this many floats of work a kernel runs on the calling thread: waking
+ * the team costs more than it saves. */
+#define PARALLEL_MIN_WORK 32768
+
+static inline int threads_for(int64_t work) {
+    return work < PARALLEL_MIN_WORK ? 1 : g_threads;
+}
+
+/* exp(x) to about 1 ulp, written so that gcc vectorises loops calling it
+ * (glibc's expf is a scalar call). NaN stays NaN: the clamps compare, and a
+ * comparison with NaN is false. */
+static inline float exp_approx(float x) {
+    x = x < -87.33654f ? -87.33654f : x;
+    x = x > 88.72283f ? 88.72283f : x;
+    const float n = rintf(x * 1.44269504088896341f);
+    /* r = x - n ln2, with ln2 split in two for accuracy */
+    float r = x - n * 0.693145751953125f;
+    r = r - n * 1.428606765330187e-06f;
+    /* exp(r) on |r| <= ln2 / 2: Taylor series to degree 7 (error < 1e-8) */
+    float p = 1.9841270e-04f;
+    p = p * r + 1.3888889e-03f;
+    p = p * r + 8.3333333e-03f;
+    p = p * r + 4.1666667e-02f;
+    p = p * r + 1.6666667e-01f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    /* 2^n by building the exponent bits; n + 127 stays in [1, 254] after the clamps,
+     * except 2^128 at the top, which the split into two factors avoids */
+    const int32_t ni = (int32_t)n;
+    const int32_t half = ni >> 1;
+    union { int32_t i; float f; } a, b;
+    a.i = (half + 127) << 23;
+    b.i = (ni - half + 127) << 23;
+    return p * a.f * b.f;
+}
+
+/* ---- depthwise convolution --------------------------------------------------
+ * x (B, C, H, W), weight (C, K*K), y (B, C, OH, OW); one filter per channel,
+ * square kernel K, the same stride and zero padding on both axes. */
+
+/* Copy plane (H, W) into the middle of a zeroed (H + 2 pad, W + 2 pad) scratch plane,
+ * so that the loops below run without bounds checks. */
+static void pad_plane(const float *plane, float *padded, int64_t H, int64_t W, int64_t pad) {
+    const int64_t PW = W + 2 * pad;
+    memset(padded, 0, sizeof(float) * pad * PW);
+    for (int64_t h = 0; h < H; ++h) {
+        float *row = padded + (h + pad) * PW;
+        for (int64_t i = 0; i < pad; ++i) row[i] = row[pad + W + i] = 0.0f;
+        memcpy(row + pad, plane + h * W, sizeof(float) * W);
+    }
+    memset(padded + (H + pad) * PW, 0, sizeof(float) * pad * PW);
+}
+
+/* One output plane from a padded input plane. Inlined with K and stride constant
+ * (3 and 1 or 2 in CvT), the taps unroll and the loop over ow vectorises. */
+static inline __attribute__((always_inline)) void
+dw_plane_forward(const float *padded, int64_t PW, const float *wp, float start, float *yp,
+                 int64_t OH, int64_t OW, int64_t K, int64_t stride) {
+    for (int64_t oh = 0; oh < OH; ++oh) {
+        const float *base = padded + oh * stride * PW;
+        float *yr = yp + oh * OW;
+        #pragma omp simd
+        for (int64_t ow = 0; ow < OW; ++ow) {
+            float acc = start;
+            for (int64_t kh = 0; kh < K; ++kh)
+                for (int64_t kw = 0; kw < K; ++kw)
+                    acc += wp[kh * K + kw] * base[kh * PW + ow * stride + kw];
+            yr[ow] = acc;
+        }
+    }
+}
+
+void cvt_dwconv2d_forward(const float *x, const float *weight, const float *bias, float *y,
+                          int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
+                          int64_t stride, int64_t pad, int64_t OH, int64_t OW) {
+    const int64_t PW = W + 2 * pad, PH = H + 2 * pad;
+    #pragma omp parallel num_threads(threads_for(B * C * OH * OW * K))
+    {
+        float *padded = malloc(sizeof(float) * PH * PW);
+        #pragma omp for schedule(static)
+        for (int64_t plane = 0; plane < B * C; ++plane) {
+            const int64_t c = plane % C;
+            pad_plane(x + plane * H * W, padded, H, W, pad);
+            const float start = bias ? bias[c] : 0.0f;
+            float *yp = y + plane * OH * OW;
+            const float *wp = weight + c * K * K;
+            if (K == 3 && stride == 1)
+                dw_plane_forward(padded, PW, wp, start, yp, OH, OW, 3, 1);
+            else if (K == 3 && stride == 2)
+                dw_plane_forward(padded, PW, wp, start, yp, OH, OW, 3, 2);
+            else
+                dw_plane_forward(padded, PW, wp, start, yp, OH, OW, K, stride);
+        }
+        free(padded);
+    }
+}
+
+/* The gradients for one plane: the weight's, added to wsum (from the padded input),
+ * and the input's (scattered into a zeroed padded plane, whose middle is dx). */
+static inline __attribute__((always_inline)) void
+dw_plane_backward(const float *dyp, const float *padded, float *dpadded, int64_t PW,
+                  const float *wp, double *wsum, int64_t OH, int64_t OW, int64_t K, int64_t stride) {
+    for (int64_t oh = 0; oh < OH; ++oh) {
+        const float *dyr = dyp + oh * OW;
+        for (int64_t kh = 0; kh < K; ++kh) {
+            const float *xr = padded + (oh * stride + kh) * PW;
+            float *dxr = dpadded ? dpadded + (oh * stride + kh) * PW : NULL;
+            for (int64_t kw = 0; kw < K; ++kw) {
+                if (wsum) {
+                    float acc = 0.0f;
+                    #pragma omp simd reduction(+:acc)
+                    for (int64_t ow = 0; ow < OW; ++ow) acc += dyr[ow] * xr[ow * stride + kw];
+                    wsum[kh * K + kw] += acc;
+                }
+                if (dxr) {
+                    const float wv = wp[kh * K + kw];
+                    for (int64_t ow = 0; ow < OW; ++ow) dxr[ow * stride + kw] += wv * dyr[ow];
+                }
+            }
+        }
+    }
+}
+
+/* Gradients of the depthwise convolution: dx (may be NULL) and dweight (C, K*K,
+ * may be NULL). One thread owns a channel across the batch, so neither needs
+ * atomics; the weight sums are accumulated in double. */
+void cvt_dwconv2d_backward(const float *dy, const float *x, const float *weight,
+                           float *dx, float *dweight,
+                           int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
+                           int64_t stride, int64_t pad, int64_t OH, int64_t OW) {
+    const int64_t PW = W + 2 * pad, PH = H + 2 * pad;
+    #pragma omp parallel num_threads(threads_for(B * C * OH * OW * K))
+    {
+        float *padded = malloc(sizeof(float) * PH * PW);
+        float *dpadded = dx ? malloc(sizeof(float) * PH * PW) : NULL;
+        #pragma omp for schedule(static, 1)
+        for (int64_t c = 0; c < C; ++c) {
+            const float *wp = weight + c * K * K;
+            double wsum[64];  /* K * K <= 64, checked by the caller */
+            for (int64_t i = 0; i < K * K; ++i) wsum[i] = 0.0;
+            for (int64_t b = 0; b < B; ++b) {
+                const int64_t plane = b * C + c;
+                if (dweight) pad_plane(x + plane * H * W, padded, H, W, pad);
+                if (dpadded) memset(dpadded, 0, sizeof(float) * PH * PW);
+                double *sums = dweight ? wsum : NULL;
+                const float *dyp = dy + plane * OH * OW;
+                if (K == 3 && stride == 1)
+                    dw_plane_backward(dyp, padded, dpadded, PW, wp, sums, OH, OW, 3, 1);
+                else if (K == 3 && stride == 2)
+                    dw_plane_backward(dyp, padded, dpadded, PW, wp, sums, OH, OW, 3, 2);
+                else
+                    dw_plane_backward(dyp, padded, dpadded, PW, wp, sums, OH, OW, K, stride);
+                if (dpadded) {
+                    float *dxp = dx + plane * H * W;
+                    for (int64_t h = 0; h < H; ++h)
+                        memcpy(dxp + h * W, dpadded + (h + pad) * PW + pad, sizeof(float) * W);
+                }
+            }
+            if (dweight)
+                for (int64_t i = 0; i < K * K; ++i) dweight[c * K * K + i] = (float)wsum[i];
+        }
+        free(padded);
+        free(dpadded);
+    }
+}
+
+/* ---- softmax over the last axis ---------------------------------------------- */
+
+void cvt_softmax_forward(const float *x, float *y, int64_t rows, int64_t cols) {
+    #pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols))
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * cols;
+        float *yr = y + r * cols;
+        float top = xr[0];
+        #pragma omp simd reduction(max:top)
+        for (int64_t i = 1; i < cols; ++i) top = xr[i] > top ? xr[i] : top;
+        float total = 0.0f;
+        #pragma omp simd reduction(+:total)
+        for (int64_t i = 0; i < cols; ++i) {
+            const float e = exp_approx(xr[i] - top);
+            yr[i] = e;
+            total += e;
+        }
+        const float inv = 1.0f / total;
+        for (int64_t i = 0; i < cols; ++i) yr[i] *= inv;
+    }
+}
+
+/* dx = y * (dy - sum(dy * y)) per row */
+void cvt_softmax_backward(const float *y, const float *dy, float *dx, int64_t rows, int64_t cols) {
+    #pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols))
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *yr = y + r * cols;
+        const float *dyr = dy + r * cols;
+        float *dxr = dx + r * cols;
+        float dot = 0.0f;
+        #pragma omp simd reduction(+:dot)
+        for (int64_t i = 0; i < cols; ++i) dot += dyr[i] * yr[i];
+        for (int64_t i = 0; i < cols; ++i) dxr[i] = yr[i] * (dyr[i] - dot);
+    }
+}
+
+/* ---- LayerNorm over the last axis -------------------------------------------- */
+
+void cvt_layer_norm_forward(const float *x, const float *gamma, const float *beta, float *y,
+                            float *mean, float *rstd, int64_t rows, int64_t cols, float eps) {
+    #pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols))
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * cols;
+        float *yr = y + r * cols;
+        float total = 0.0f;
+        #pragma omp simd reduction(+:total)
+        for (int64_t i = 0; i < cols; ++i) total += xr[i];
+        const float mu = total / (float)cols;
+        float squares = 0.0f;
+        #pragma omp simd reduction(+:squares)
+        for (int64_t i = 0; i < cols; ++i) {
+            const float d = xr[i] - mu;
+            squares += d * d;
+        }
+        const float inv = 1.0f / sqrtf(squares / (float)cols + eps);
+        for (int64_t i = 0; i < cols; ++i) yr[i] = (xr[i] - mu) * inv * gamma[i] + beta[i];
+        if (mean) mean[r] = mu;
+        if (rstd) rstd[r] = inv;
+    }
+}
+
+/* dx, and dgamma / dbeta summed over rows: per-thread partial sums, then added up. */
+void cvt_layer_norm_backward(const float *dy, const float *x, const float *gamma,
+                             const float *mean, const float *rstd,
+                             float *dx, float *dgamma, float *dbeta, int64_t rows, int64_t cols) {
+    const int threads = threads_for(rows * cols);
+    float *partial = calloc((size_t)threads * 2 * cols, sizeof(float));
+    #pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num();
+        float *pg = partial + (int64_t)t * 2 * cols;
+        float *pb = pg + cols;
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r) {
+            const float *dyr = dy + r * cols;
+            const float *xr = x + r * cols;
+            float *dxr = dx + r * cols;
+            const float mu = mean[r], inv = rstd[r];
+            float sum_g = 0.0f, sum_gx = 0.0f;
+            #pragma omp simd reduction(+:sum_g, sum_gx)
+            for (int64_t i = 0; i < cols; ++i) {
+                const float xhat = (xr[i] - mu) * inv;
+                const float g = dyr[i] * gamma[i];
+                sum_g += g;
+                sum_gx += g * xhat;
+                pg[i] += dyr[i] * xhat;
+                pb[i] += dyr[i];
+            }
+            const float mean_g = sum_g / (float)cols, mean_gx = sum_gx / (float)cols;
+            for (int64_t i = 0; i < cols; ++i) {
+                const float xhat = (xr[i] - mu) * inv;
+                dxr[i] = inv * (dyr[i] * gamma[i] - mean_g - xhat * mean_gx);
+            }
+        }
+    }
+    for (int64_t i = 0; i < cols; ++i) {
+        float g = 0.0f, b = 0.0f;
+        for (int t = 0; t < threads; ++t) {
+            g += partial[(int64_t)t * 2 * cols + i];
+            b += partial[(int64_t)t * 2 * cols + cols + i];
+        }
+        dgamma[i] = g;
+        dbeta[i] = b;
+    }
+    free(partial);
+}
+
+/* ---- SiLU ---------------------------------------------------------------------- */
+
+void cvt_silu_forward(const float *x, float *y, int64_t n) {
+    #pragma omp parallel for simd schedule(static) num_threads(threads_for(n))
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] / (1.0f + exp_approx(-x[i]));
+}
+
+/* d silu / dx = s (1 + x (1 - s)), s = sigmoid(x) */
+void cvt_silu_backward(const float *x, const float *dy, float *dx, int64_t n) {
+    #pragma omp parallel for simd schedule(static) num_threads(threads_for(n))
+    for (int64_t i = 0; i < n; ++i) {
+        const float s = 1.0f / (1.0f + exp_approx(-x[i]));
+        dx[i] = dy[i] * s * (1.0f + x[i] * (1.0f - s));
+    }
+}
+
+/* ---- sums for bias gradients ----------------------------------------------------
+ * out[c] = sum over a and l of x[a, c, l], x of shape (A, C, L): the gradient of
+ * a bias added over rows (L = 1) or over channels-first maps. */
+void cvt_channel_sum(const float *x, float *out, int64_t A, int64_t C, int64_t L) {
+    const int threads = threads_for(A * C * L);
+    if (L == 1) {
+        /* column sums: rows split among threads, each with its own partial row */
+        float *partial = calloc((size_t)threads * C, sizeof(float));
+        #pragma omp parallel num_threads(threads)
+        {
+            float *mine = partial + (int64_t)omp_get_thread_num() * C;
+            #pragma omp for schedule(static)
+            for (int64_t a = 0; a < A; ++a) {
+                const float *xr = x + a * C;
+                for (int64_t c = 0; c < C; ++c) mine[c] += xr[c];
+            }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+            float total = 0.0f;
+            for (int t = 0; t < threads; ++t) total += partial[(int64_t)t * C + c];
+            out[c] = total;
+        }
+        free(partial);
+        return;
+    }
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < C; ++c) {
+        double total = 0.0;
+        for (int64_t a = 0; a < A; ++a) {
+            const float *xr = x + (a * C + c) * L;
+            float row = 0.0f;
+            #pragma omp simd reduction(+:row)
+            for (int64_t l = 0; l < L; ++l) row += xr[l];
+            total += row;
+        }
+        out[c] = (float)total;
+    }
+}

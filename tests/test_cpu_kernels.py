@@ -1,0 +1,213 @@
+"""The threaded CPU kernels (cpu_kernels.py, csrc/cpu_kernels.c) against Paddle's own ops.
+
+Forward outputs and every gradient must match Paddle's ops on awkward shapes
+(odd sizes, strides, paddings, kernels, non-contiguous inputs); NaN must
+propagate; a failed build must fall back to Paddle's ops with one warning.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+import cpu_kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+needs_kernels = pytest.mark.skipif(
+    cpu_kernels.load() is None,
+    reason='no C compiler here: the kernels cannot be built (test_kernels_build_where_a_compiler_exists covers it)')
+
+
+def leaf(*shape, scale=1.0, shift=0.0) -> paddle.Tensor:
+    t = paddle.randn(list(shape)) * scale + shift
+    t.stop_gradient = False
+    return t
+
+
+def assert_same(ours, reference, atol=1e-5, rtol=1e-4, name=''):
+    np.testing.assert_allclose(ours.numpy(), reference.numpy(), atol=atol, rtol=rtol, err_msg=name)
+
+
+def forward_and_grads(fn, inputs, upstream):
+    out = fn(*inputs)
+    return [out] + list(paddle.grad(out, inputs, upstream))
+
+
+def test_kernels_build_where_a_compiler_exists():
+    if shutil.which('cc') is None and shutil.which('gcc') is None:
+        pytest.skip('no C compiler on this machine: the model uses Paddle\'s ops')
+    assert os.environ.get('CVT_CPU_KERNELS', '1') != '0', 'the suite must test the kernels, not opt out'
+    assert cpu_kernels.load() is not None
+    assert cpu_kernels.active(paddle.ones([2]))
+
+
+@needs_kernels
+@pytest.mark.parametrize('shape, kernel, stride, padding', [
+    ((2, 5, 9, 7), 3, 1, 1),
+    ((2, 5, 9, 7), 3, 2, 1),
+    ((3, 4, 8, 8), 3, 2, 1),
+    ((1, 3, 6, 11), 3, 1, 0),
+    ((2, 3, 7, 7), 5, 2, 2),
+    ((2, 2, 9, 9), 7, 1, 3),
+    ((2, 4, 5, 6), 1, 1, 0),
+    ((2, 6, 16, 16), 3, 1, 1),
+])
+def test_depthwise_conv2d_matches_paddle(shape, kernel, stride, padding):
+    x = leaf(*shape)
+    weight = leaf(shape[1], 1, kernel, kernel)
+    reference = lambda x, w: F.conv2d(x, w, stride=stride, padding=padding, groups=shape[1])
+    ours = lambda x, w: cpu_kernels.depthwise_conv2d(x, w, None, stride, padding)
+    upstream = paddle.randn(reference(x, weight).shape)
+    for got, want, name in zip(forward_and_grads(ours, [x, weight], upstream),
+                               forward_and_grads(reference, [x, weight], upstream), ['y', 'dx', 'dweight']):
+        assert_same(got, want, name=name)
+
+
+@needs_kernels
+def test_depthwise_conv2d_bias_is_inference_only():
+    x, weight, bias = paddle.randn([2, 4, 6, 6]), paddle.randn([4, 1, 3, 3]), paddle.randn([4])
+    with paddle.no_grad():
+        got = cpu_kernels.depthwise_conv2d(x, weight, bias, 2, 1)
+    assert_same(got, F.conv2d(x, weight, bias, stride=2, padding=1, groups=4))
+    weight.stop_gradient = False
+    with pytest.raises(ValueError, match='bias is for inference'):
+        cpu_kernels.depthwise_conv2d(x, weight, bias, 1, 1)
+    with pytest.raises(ValueError, match='not supported'):
+        cpu_kernels.depthwise_conv2d(x, paddle.randn([4, 1, 9, 9]), None, 1, 4)
+
+
+@needs_kernels
+@pytest.mark.parametrize('shape', [(3, 7), (2, 3, 50, 13), (4, 1, 1)])
+def test_softmax_matches_paddle(shape):
+    x = leaf(*shape, scale=4.0)
+    upstream = paddle.randn(list(shape))
+    for got, want in zip(forward_and_grads(cpu_kernels.softmax, [x], upstream),
+                         forward_and_grads(lambda t: F.softmax(t, axis=-1), [x], upstream)):
+        assert_same(got, want, atol=1e-6)
+
+
+@needs_kernels
+def test_softmax_of_extreme_scores_stays_finite():
+    x = paddle.to_tensor([[1e4, -1e4, 0.0], [-90.0, -95.0, -200.0]])
+    got = cpu_kernels.softmax(x)
+    assert_same(got, F.softmax(x, axis=-1), atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize('shape', [(3, 7), (2, 37, 64), (5, 1, 384)])
+def test_layer_norm_matches_paddle(shape):
+    x = leaf(*shape, scale=2.0, shift=1.0)
+    weight, bias = leaf(shape[-1]), leaf(shape[-1])
+    upstream = paddle.randn(list(shape))
+    reference = lambda x, w, b: F.layer_norm(x, shape[-1:], w, b, 1e-5)
+    ours = lambda x, w, b: cpu_kernels.layer_norm(x, w, b, 1e-5)
+    for got, want, name in zip(forward_and_grads(ours, [x, weight, bias], upstream),
+                               forward_and_grads(reference, [x, weight, bias], upstream),
+                               ['y', 'dx', 'dweight', 'dbias']):
+        assert_same(got, want, atol=1e-4, name=name)
+
+
+@needs_kernels
+@pytest.mark.parametrize('shape', [(5,), (3, 1000), (2, 7, 33)])
+def test_silu_matches_paddle(shape):
+    x = leaf(*shape, scale=6.0)
+    upstream = paddle.randn(list(shape))
+    for got, want in zip(forward_and_grads(cpu_kernels.silu, [x], upstream),
+                         forward_and_grads(F.silu, [x], upstream)):
+        assert_same(got, want)
+    extremes = paddle.to_tensor([-200.0, -88.0, 0.0, 88.0, 200.0])
+    assert_same(cpu_kernels.silu(extremes), F.silu(extremes))
+
+
+@needs_kernels
+@pytest.mark.parametrize('shape', [(7, 5), (2, 5, 9)])
+def test_linear_and_bias_gradients_match_paddle(shape):
+    x = leaf(*shape)
+    weight, bias = leaf(shape[-1], 3), leaf(3)
+    upstream = paddle.randn(list(shape[:-1]) + [3])
+    for got, want, name in zip(forward_and_grads(cpu_kernels.linear, [x, weight, bias], upstream),
+                               forward_and_grads(F.linear, [x, weight, bias], upstream),
+                               ['y', 'dx', 'dweight', 'dbias']):
+        assert_same(got, want, name=name)
+    maps, channel_bias = leaf(3, 4, 10), leaf(4)
+    upstream = paddle.randn([3, 4, 10])
+    for got, want in zip(forward_and_grads(lambda t, b: cpu_kernels.add_bias(t, b, axis=1), [maps, channel_bias], upstream),
+                         forward_and_grads(lambda t, b: t + b.reshape([1, 4, 1]), [maps, channel_bias], upstream)):
+        assert_same(got, want)
+
+
+@needs_kernels
+def test_kernels_read_strided_views_correctly():
+    base = paddle.randn([4, 6, 5])
+    view = base.transpose([0, 2, 1])  # a strided view on Paddle 3
+    assert_same(cpu_kernels.softmax(view), F.softmax(view, axis=-1), atol=1e-6)
+    assert_same(cpu_kernels.silu(view), F.silu(view))
+
+
+@needs_kernels
+def test_nan_propagates():
+    row = paddle.to_tensor([[1.0, float('nan'), 2.0]])
+    assert np.isnan(cpu_kernels.softmax(row).numpy()).all()
+    assert np.isnan(cpu_kernels.silu(row).numpy())[0, 1]
+    out = cpu_kernels.layer_norm(row, paddle.ones([3]), paddle.zeros([3]), 1e-5)
+    assert np.isnan(out.numpy()).all()
+    maps = paddle.zeros([1, 1, 4, 4])
+    maps[0, 0, 1, 1] = float('nan')
+    assert np.isnan(cpu_kernels.depthwise_conv2d(maps, paddle.ones([1, 1, 3, 3]), None, 1, 1).numpy()).any()
+
+
+@needs_kernels
+def test_not_active_for_float64_or_static_graphs():
+    assert not cpu_kernels.active(paddle.ones([2], dtype='float64'))
+    paddle.enable_static()
+    try:
+        assert not cpu_kernels.active(paddle.static.data('x', [2], 'float32'))
+    finally:
+        paddle.disable_static()
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+SMALL_MODEL_RUN = '''
+import runtime, paddle, cpu_kernels, cvt
+from config import get_config
+config = get_config('configs/cvt-demo.yaml')
+config.defrost(); config.MODEL.NUM_CLASSES = 3
+model = cvt.build_cvt(config)
+print('logits', list(model(paddle.randn([1, 3, 64, 64])).shape), 'kernels', cpu_kernels.load() is not None)
+'''
+
+
+def test_failed_build_warns_once_and_falls_back(tmp_path):
+    result = run_python(SMALL_MODEL_RUN, CC='/bin/false', CVT_CACHE_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert 'logits [1, 3] kernels False' in result.stdout
+    assert result.stderr.count('UserWarning: cpu_kernels: could not build') == 1
+
+
+def test_opt_out_by_environment(tmp_path):
+    result = run_python(SMALL_MODEL_RUN, CVT_CPU_KERNELS='0', CVT_CACHE_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert 'kernels False' in result.stdout
+    assert os.listdir(tmp_path) == []
+
+
+@needs_kernels
+def test_library_is_built_once_into_the_cache(tmp_path):
+    first = run_python(SMALL_MODEL_RUN, CVT_CACHE_DIR=str(tmp_path))
+    assert 'kernels True' in first.stdout, first.stderr
+    built = os.listdir(tmp_path)
+    assert len(built) == 1 and built[0].endswith('.so')  # no temporary files left
+    stamp = os.path.getmtime(tmp_path / built[0])
+    second = run_python(SMALL_MODEL_RUN, CVT_CACHE_DIR=str(tmp_path))
+    assert 'kernels True' in second.stdout, second.stderr
+    assert os.listdir(tmp_path) == built and os.path.getmtime(tmp_path / built[0]) == stamp
