@@ -176,7 +176,7 @@ def test_runtime_sets_threads_and_mkl_path_but_respects_the_user(monkeypatch):
     for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'KMP_BLOCKTIME'):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(runtime, '_usable_cores', lambda: 7)
-    monkeypatch.setattr(runtime, '_is_amd_cpu', lambda: True)
+    monkeypatch.setattr(runtime, '_cpu_info', lambda: ('AuthenticAMD', frozenset({'avx2', 'fma'})))
     runtime.configure_environment()
     assert os.environ['MKL_NUM_THREADS'] == '7'
     assert 'OMP_NUM_THREADS' not in os.environ  # left to the user
@@ -186,6 +186,16 @@ def test_runtime_sets_threads_and_mkl_path_but_respects_the_user(monkeypatch):
     assert os.environ['MKL_NUM_THREADS'] == '1'  # the user's
     assert os.environ['KMP_BLOCKTIME'] == '0'
     monkeypatch.delenv('MKL_DEBUG_CPU_TYPE')
-    monkeypatch.setattr(runtime, '_is_amd_cpu', lambda: False)
+    monkeypatch.setattr(runtime, '_cpu_info', lambda: ('GenuineIntel', frozenset({'avx2', 'fma', 'avx512f'})))
     runtime.configure_environment()
     assert 'MKL_DEBUG_CPU_TYPE' not in os.environ
+
+
+def test_mkl_code_path_follows_the_amd_cpu_features():
+    import runtime
+    zen4 = frozenset({'avx2', 'fma', 'avx512f', 'avx512cd', 'avx512bw', 'avx512dq', 'avx512vl', 'avx512_bf16'})
+    assert runtime.mkl_cpu_type('AuthenticAMD', zen4) == '7'
+    assert runtime.mkl_cpu_type('AuthenticAMD', zen4 - {'avx512bw'}) == '5'  # a partial AVX-512 is not enough
+    assert runtime.mkl_cpu_type('AuthenticAMD', frozenset({'avx2', 'fma'})) == '5'
+    assert runtime.mkl_cpu_type('AuthenticAMD', frozenset({'sse4_2'})) is None
+    assert runtime.mkl_cpu_type('GenuineIntel', zen4) is None
