@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import paddle
 from paddle.autograd import PyLayer
@@ -171,6 +171,15 @@ def _ptr(x: Optional[paddle.Tensor]) -> Optional[int]:
     return None if x is None else x.data_ptr()
 
 
+def _needs_grad(*inputs: paddle.Tensor) -> Tuple[bool, ...]:
+    """Which inputs want a gradient: a PyLayer's backward must return None for the others."""
+    return tuple(not t.stop_gradient for t in inputs)
+
+
+def _only_needed(needs: Sequence[bool], *grads):
+    return tuple(grad if need else None for need, grad in zip(needs, grads))
+
+
 def _empty(shape: Sequence[int]) -> paddle.Tensor:
     return paddle.empty([int(s) for s in shape], dtype='float32')
 
@@ -178,6 +187,7 @@ def _empty(shape: Sequence[int]) -> paddle.Tensor:
 class _DepthwiseConv2D(PyLayer):
     @staticmethod
     def forward(ctx, x, weight, stride: int, padding: int):
+        ctx.needs_grad = _needs_grad(x, weight)
         x, weight = _contiguous(x), _contiguous(weight)
         y, geometry = _dwconv_forward(x, weight, None, stride, padding)
         ctx.geometry = geometry
@@ -188,8 +198,9 @@ class _DepthwiseConv2D(PyLayer):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensor()
         dy = _contiguous(dy)
-        dx = _empty(x.shape) if not x.stop_gradient else None
-        dweight = _empty(weight.shape) if not weight.stop_gradient else None
+        needs_x, needs_weight = ctx.needs_grad
+        dx = _empty(x.shape) if needs_x else None
+        dweight = _empty(weight.shape) if needs_weight else None
         load().cvt_dwconv2d_backward(_ptr(dy), _ptr(x), _ptr(weight), _ptr(dx), _ptr(dweight),
                                      *ctx.geometry)
         return dx, dweight
@@ -248,6 +259,7 @@ def softmax(x: paddle.Tensor) -> paddle.Tensor:
 class _LayerNorm(PyLayer):
     @staticmethod
     def forward(ctx, x, weight, bias, epsilon: float):
+        ctx.needs_grad = _needs_grad(x, weight, bias)
         x = _contiguous(x)
         cols = int(x.shape[-1])
         rows = int(x.size) // cols
@@ -266,7 +278,7 @@ class _LayerNorm(PyLayer):
         dx, dweight, dbias = _empty(x.shape), _empty([cols]), _empty([cols])
         load().cvt_layer_norm_backward(_ptr(dy), _ptr(x), _ptr(weight), _ptr(mean), _ptr(rstd),
                                        _ptr(dx), _ptr(dweight), _ptr(dbias), int(x.size) // cols, cols)
-        return dx, dweight, dbias
+        return _only_needed(ctx.needs_grad, dx, dweight, dbias)
 
 
 def layer_norm(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor, epsilon: float) -> paddle.Tensor:
@@ -316,6 +328,7 @@ def channel_sum(x: paddle.Tensor, channels_axis: int) -> paddle.Tensor:
 class _Linear(PyLayer):
     @staticmethod
     def forward(ctx, x, weight, bias):
+        ctx.needs_grad = _needs_grad(x, weight, bias)
         rows = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
         ctx.save_for_backward(x, weight)
         return rows.reshape(list(x.shape[:-1]) + [weight.shape[1]])
@@ -325,9 +338,10 @@ class _Linear(PyLayer):
         x, weight = ctx.saved_tensor()
         dy = _contiguous(dy).reshape([-1, weight.shape[1]])
         x_rows = x.reshape([-1, weight.shape[0]])
-        dx = paddle.matmul(dy, weight, transpose_y=True).reshape(x.shape) if not x.stop_gradient else None
-        dweight = paddle.matmul(x_rows, dy, transpose_x=True) if not weight.stop_gradient else None
-        return dx, dweight, channel_sum(dy, 1)
+        needs_x, needs_weight, needs_bias = ctx.needs_grad
+        dx = paddle.matmul(dy, weight, transpose_y=True).reshape(x.shape) if needs_x else None
+        dweight = paddle.matmul(x_rows, dy, transpose_x=True) if needs_weight else None
+        return dx, dweight, (channel_sum(dy, 1) if needs_bias else None)
 
 
 def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
@@ -339,6 +353,7 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> padd
 class _AddBias(PyLayer):
     @staticmethod
     def forward(ctx, x, bias, axis: int):
+        ctx.needs_grad = _needs_grad(x, bias)
         ctx.axis = axis % len(x.shape)
         # (C, 1, ..) broadcasts over the leading axes; Paddle's CPU add is several times
         # slower when the bias is given as many axes as x, (1, C, 1)
@@ -346,7 +361,8 @@ class _AddBias(PyLayer):
 
     @staticmethod
     def backward(ctx, dy):
-        return dy, channel_sum(dy, ctx.axis)
+        needs_x, needs_bias = ctx.needs_grad
+        return (dy if needs_x else None), (channel_sum(dy, ctx.axis) if needs_bias else None)
 
 
 def add_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int = -1) -> paddle.Tensor:

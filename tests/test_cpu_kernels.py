@@ -211,3 +211,37 @@ def test_library_is_built_once_into_the_cache(tmp_path):
     second = run_python(SMALL_MODEL_RUN, CVT_CACHE_DIR=str(tmp_path))
     assert 'kernels True' in second.stdout, second.stderr
     assert os.listdir(tmp_path) == built and os.path.getmtime(tmp_path / built[0]) == stamp
+
+
+@needs_kernels
+def test_frozen_inputs_get_no_gradient():
+    """A PyLayer must return None for inputs that want no gradient (frozen weights,
+    a frozen teacher, images): each op with each input frozen in turn."""
+    ops = [
+        (lambda x, w: cpu_kernels.depthwise_conv2d(x, w, None, 2, 1), [(2, 4, 6, 6), (4, 1, 3, 3)]),
+        (lambda x, w, b: cpu_kernels.layer_norm(x, w, b, 1e-5), [(3, 5), (5,), (5,)]),
+        (cpu_kernels.linear, [(3, 5), (5, 2), (2,)]),
+        (lambda x, b: cpu_kernels.add_bias(x, b, axis=1), [(2, 3, 4), (3,)]),
+    ]
+    for op, shapes in ops:
+        for frozen in range(len(shapes)):
+            inputs = [leaf(*shape) for shape in shapes]
+            inputs[frozen].stop_gradient = True
+            op(*inputs).sum().backward()
+            for i, t in enumerate(inputs):
+                assert (t.grad is None) == (i == frozen)
+
+
+@needs_kernels
+def test_model_with_frozen_backbone_trains_through_kernels():
+    import cvt
+    from config import get_config
+    config = get_config(os.path.join(ROOT, 'configs', 'cvt-demo.yaml'))
+    config.defrost()
+    config.MODEL.NUM_CLASSES = 4
+    model = cvt.build_cvt(config)
+    for name, parameter in model.named_parameters():
+        parameter.stop_gradient = not name.startswith(('head', 'stages.2.blocks'))
+    model.train()
+    F.cross_entropy(model(paddle.randn([2, 3, 64, 64])), paddle.to_tensor([0, 3])).backward()
+    assert model.head.weight.grad is not None and model.stages[0].patch_embed.proj.weight.grad is None
