@@ -61,8 +61,17 @@ def _paddle_openmp() -> Optional[str]:
 
 
 def _cache_dir() -> str:
-    default = os.path.join(os.path.expanduser('~'), '.cache', 'cvt-paddle')
-    return os.environ.get('CVT_CACHE_DIR', default)
+    """CVT_CACHE_DIR, else ~/.cache/cvt-paddle, else (a home that cannot be written) the temp folder."""
+    if 'CVT_CACHE_DIR' in os.environ:
+        return os.environ['CVT_CACHE_DIR']
+    home_cache = os.path.join(os.path.expanduser('~'), '.cache', 'cvt-paddle')
+    try:
+        os.makedirs(home_cache, exist_ok=True)
+        if os.access(home_cache, os.W_OK):
+            return home_cache
+    except OSError:
+        pass
+    return os.path.join(tempfile.gettempdir(), f'cvt-paddle-{os.getuid()}')
 
 
 def _compile(compiler: str, output: str) -> None:
