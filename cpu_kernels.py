@@ -18,7 +18,6 @@ A failed build warns once and falls back; it never stops a run.
 import ctypes
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from typing import Optional, Sequence, Tuple
 import paddle
 from paddle.autograd import PyLayer
 
+from runtime import cpu_info, usable_cores
+
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_kernels.c')
 _FLAGS = ['-O3', '-march=native', '-fopenmp', '-fPIC', '-std=c99']
 
@@ -39,18 +40,9 @@ _load_attempted = False
 
 
 def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU model and its feature flags."""
-    lines = []
-    try:
-        with open('/proc/cpuinfo') as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith(('model name', 'flags')):
-                    lines.append(line)
-                if len(lines) >= 2:
-                    break
-    except OSError:
-        lines.append(platform.processor())
-    return ''.join(lines)
+    """What -march=native depends on; sorted, since a set's order differs between processes."""
+    vendor, flags = cpu_info()
+    return vendor + ' ' + ' '.join(sorted(flags))
 
 
 def _paddle_openmp() -> Optional[str]:
@@ -121,13 +113,6 @@ def _declare(library: ctypes.CDLL) -> None:
         function.restype = None
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def load() -> Optional[ctypes.CDLL]:
     """The compiled kernels, building them on first use; None where they cannot be had."""
     global _library, _load_attempted
@@ -157,7 +142,7 @@ def load() -> Optional[ctypes.CDLL]:
             warnings.warn(f'cpu_kernels: could not build {_SOURCE} ({detail.strip()[:300]}); '
                           'using Paddle\'s slower CPU ops')
             return None
-        library.cvt_set_threads(int(os.environ.get('MKL_NUM_THREADS', _usable_cores())))
+        library.cvt_set_threads(int(os.environ.get('MKL_NUM_THREADS', usable_cores())))
         _library = library
     return _library
 

@@ -32,6 +32,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 import cpu_kernels
+from runtime import usable_cores as _usable_cores
 
 # The official init is timm's trunc_normal_(std=0.02), truncated at +-2 absolute
 # (100 std): a plain normal in effect. Paddle's TruncatedNormal truncates at +-2
@@ -592,13 +593,6 @@ class ConvolutionalVisionTransformer(nn.Layer):
         chunks = paddle.split(x, _even_sizes(int(x.shape[0]), parts), axis=0)
         others = [_thread_pool().submit(run, chunk) for chunk in chunks[1:]]
         return paddle.concat([run(chunks[0])] + [future.result() for future in others], axis=0)
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _even_sizes(total: int, parts: int) -> List[int]:

@@ -12,14 +12,15 @@ import warnings
 from typing import FrozenSet, Optional, Tuple
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 
 
-def _cpu_info() -> Tuple[str, FrozenSet[str]]:
+def cpu_info() -> Tuple[str, FrozenSet[str]]:
     """The CPU's vendor id and feature flags, from /proc/cpuinfo ('' and none elsewhere)."""
     vendor, flags = '', frozenset()
     try:
@@ -61,11 +62,11 @@ def configure_environment() -> None:
     """Set thread and math-library variables; must run before Paddle is imported."""
     # MKL's GEMMs take MKL_NUM_THREADS. OMP_NUM_THREADS is left to the user: MKL
     # does not need it, and Paddle prints a warning at import when it is above 1.
-    os.environ.setdefault('MKL_NUM_THREADS', str(_usable_cores()))
+    os.environ.setdefault('MKL_NUM_THREADS', str(usable_cores()))
     # Paddle's CPU wheel links Intel MKL, which takes a slow generic code path on
     # AMD processors unless told to use the AVX2/AVX-512 kernels (a 2048^3 sgemm
     # on 2 Zen 5 cores: 98 GFLOP/s by default, 240 with AVX2, 440 with AVX-512).
-    cpu_type = mkl_cpu_type(*_cpu_info())
+    cpu_type = mkl_cpu_type(*cpu_info())
     if cpu_type is not None:
         os.environ.setdefault('MKL_DEBUG_CPU_TYPE', cpu_type)
     # Intel OpenMP (MKL's threads) spins 200 ms after each parallel region by

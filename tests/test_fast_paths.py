@@ -175,8 +175,8 @@ def test_runtime_sets_threads_and_mkl_path_but_respects_the_user(monkeypatch):
     import runtime
     for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'KMP_BLOCKTIME'):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(runtime, '_usable_cores', lambda: 7)
-    monkeypatch.setattr(runtime, '_cpu_info', lambda: ('AuthenticAMD', frozenset({'avx2', 'fma'})))
+    monkeypatch.setattr(runtime, 'usable_cores', lambda: 7)
+    monkeypatch.setattr(runtime, 'cpu_info', lambda: ('AuthenticAMD', frozenset({'avx2', 'fma'})))
     runtime.configure_environment()
     assert os.environ['MKL_NUM_THREADS'] == '7'
     assert 'OMP_NUM_THREADS' not in os.environ  # left to the user
@@ -186,7 +186,7 @@ def test_runtime_sets_threads_and_mkl_path_but_respects_the_user(monkeypatch):
     assert os.environ['MKL_NUM_THREADS'] == '1'  # the user's
     assert os.environ['KMP_BLOCKTIME'] == '0'
     monkeypatch.delenv('MKL_DEBUG_CPU_TYPE')
-    monkeypatch.setattr(runtime, '_cpu_info', lambda: ('GenuineIntel', frozenset({'avx2', 'fma', 'avx512f'})))
+    monkeypatch.setattr(runtime, 'cpu_info', lambda: ('GenuineIntel', frozenset({'avx2', 'fma', 'avx512f'})))
     runtime.configure_environment()
     assert 'MKL_DEBUG_CPU_TYPE' not in os.environ
 
