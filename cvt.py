@@ -16,9 +16,10 @@ files load with ``set_dict``:
 Linear weights are stored [in, out] (Paddle's layout).
 
 The attention and MLP compute the same functions as the official layers with
-fewer passes over the activations, and CPU inference splits the batch over
-threads (see README, Speed); `set_fast_paths(model, False)` runs the plain
-layers instead.
+fewer passes over the activations and, on the CPU, through the project's
+threaded kernels (cpu_kernels.py) for depthwise convolution, softmax,
+LayerNorm, SiLU and bias gradients (see README, Speed); `set_fast_paths(model,
+False)` runs the plain layers instead.
 """
 
 import math
