@@ -554,6 +554,28 @@ class ConvolutionalVisionTransformer(nn.Layer):
             return self.norm(cls_token).flatten(1)
         return self.norm(map_to_tokens(x)).mean(axis=1)
 
+    def forward_intermediates(self, x, indices: Optional[Sequence[int]] = None) -> List[paddle.Tensor]:
+        """Images (B, 3, H, W) -> the output maps (B, C_i, H_i, W_i) of the stages
+        in `indices` (default: all; negative indices count from the last), at
+        strides 4, 8 and 16 for the released configurations.
+
+        The maps leave the cls token out; the final norm and the head are not
+        used, so a model built with NUM_CLASSES 0 serves as a backbone. Stages
+        after the last one asked for are not run.
+        """
+        count = len(self.stages)
+        indices = list(range(count) if indices is None else indices)
+        bad = [i for i in indices if not -count <= i < count]
+        if bad or not indices:
+            raise ValueError(f'stage indices {indices}: the model has stages 0-{count - 1}')
+        wanted = sorted({i % count for i in indices})
+        maps = []
+        for i, stage in enumerate(self.stages[:wanted[-1] + 1]):
+            x, _ = stage(x)
+            if i in wanted:
+                maps.append(x)
+        return maps
+
     # CPU inference runs parts of the batch in parallel threads (`_forward_in_parts`)
     parallel_inference = True
 

@@ -243,3 +243,42 @@ def test_batchnorm_statistics_update_only_in_training():
     model.train()
     model(paddle.randn([2, 3, 64, 64]))
     assert not np.allclose(bn._mean.numpy(), before)
+
+
+def test_forward_intermediates_are_the_stage_maps_at_strides_4_8_16():
+    model = build_cvt(get_config(os.path.join(ROOT, 'configs', 'cvt-13-224x224.yaml')))
+    model.eval()
+    with paddle.no_grad():
+        maps = model.forward_intermediates(paddle.randn([1, 3, 224, 224]))
+    assert [list(m.shape) for m in maps] == [[1, 64, 56, 56], [1, 192, 28, 28], [1, 384, 14, 14]]
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 64, 64), (1, 3, 48, 80), (1, 3, 37, 53)])
+def test_forward_intermediates_any_size_without_head_and_with_gradients(shape):
+    model = build_cvt(tiny_config(NUM_CLASSES=0))
+    x = paddle.randn(shape)
+    maps = model.forward_intermediates(x)
+    h, w = shape[2:]
+    sizes = []
+    for stride, pad, kernel in zip((4, 2, 2), (2, 1, 1), (7, 3, 3)):
+        h, w = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
+        sizes.append([shape[0], h, w])
+    assert [[m.shape[0], m.shape[2], m.shape[3]] for m in maps] == sizes
+    assert [m.shape[1] for m in maps] == [16, 32, 48]
+    sum(m.mean() for m in maps).backward()
+    assert all(p.grad is not None for p in model.stages.parameters() if not p.stop_gradient)
+
+
+def test_forward_intermediates_chosen_stages_stop_early_and_match_the_full_run():
+    model = build_cvt(tiny_config())
+    model.eval()
+    x = paddle.randn([2, 3, 64, 64])
+    with paddle.no_grad():
+        every = model.forward_intermediates(x)
+        last = model.forward_intermediates(x, indices=[-1])
+        first_two = model.forward_intermediates(x, indices=[1, 0])
+        assert np.allclose(last[0].numpy(), every[2].numpy())
+        assert [m.shape[1] for m in first_two] == [16, 32]
+        assert np.allclose(first_two[1].numpy(), every[1].numpy())
+    with pytest.raises(ValueError, match='stages 0-2'):
+        model.forward_intermediates(x, indices=[3])
