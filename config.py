@@ -85,7 +85,7 @@ _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
 _C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
 
 _C.TRAIN.OPTIMIZER = CN()
-_C.TRAIN.OPTIMIZER.NAME = 'AdamW'
+_C.TRAIN.OPTIMIZER.NAME = 'AdamW'  # AdamW or SGD (with MOMENTUM)
 _C.TRAIN.OPTIMIZER.EPS = 1e-8
 _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
@@ -99,6 +99,9 @@ _C.TRAIN.MIXUP_SWITCH_PROB = 0.5
 _C.TRAIN.MIXUP_MODE = 'batch'  # batch, pair or elem
 
 _C.TRAIN.SMOOTHING = 0.1
+# random_resized: a random area (8-100%) and aspect ratio, resized to IMAGE_SIZE;
+# resize_random: resize to IMAGE_SIZE + 32 square, then a random IMAGE_SIZE crop (fine-tuning)
+_C.TRAIN.CROP_MODE = 'random_resized'
 _C.TRAIN.COLOR_JITTER = 0.4
 _C.TRAIN.AUTO_AUGMENT = ''  # a policy string such as 'rand-m9-mstd0.5-inc1'; '' is off
 _C.TRAIN.RAND_AUGMENT = 'rand-m9-mstd0.5-inc1'  # '' is off (then COLOR_JITTER applies)

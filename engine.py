@@ -97,18 +97,27 @@ def decays_weight(name: str, param: paddle.Tensor) -> bool:
     return len(param.shape) > 1 and not name.endswith('cls_token')
 
 
-def build_optimizer(config, model: nn.Layer, lr_schedule) -> paddle.optimizer.AdamW:
-    """AdamW with decoupled weight decay on the weights `decays_weight` picks,
-    and global-norm gradient clipping when TRAIN.GRAD_CLIP is set."""
+def build_optimizer(config, model: nn.Layer, lr_schedule) -> paddle.optimizer.Optimizer:
+    """TRAIN.OPTIMIZER.NAME: AdamW (the training recipe) with decoupled weight
+    decay, or SGD with momentum TRAIN.OPTIMIZER.MOMENTUM (the fine-tuning
+    recipe) with L2 weight decay; either decays only the weights `decays_weight`
+    picks. Global-norm gradient clipping when TRAIN.GRAD_CLIP is set."""
     opt = config.TRAIN.OPTIMIZER
-    if opt.NAME.lower() != 'adamw':
-        raise UsageError(f'TRAIN.OPTIMIZER.NAME = {opt.NAME!r}: only AdamW is implemented')
-    decayed = {p.name for n, p in model.named_parameters() if decays_weight(n, p)}
     clip = nn.ClipGradByGlobalNorm(config.TRAIN.GRAD_CLIP) if config.TRAIN.GRAD_CLIP else None
-    return paddle.optimizer.AdamW(
-        learning_rate=lr_schedule, beta1=opt.BETAS[0], beta2=opt.BETAS[1], epsilon=opt.EPS,
-        parameters=model.parameters(), weight_decay=config.TRAIN.WEIGHT_DECAY,
-        apply_decay_param_fun=lambda name: name in decayed, grad_clip=clip)
+    if opt.NAME.lower() == 'adamw':
+        decayed = {p.name for n, p in model.named_parameters() if decays_weight(n, p)}
+        return paddle.optimizer.AdamW(
+            learning_rate=lr_schedule, beta1=opt.BETAS[0], beta2=opt.BETAS[1], epsilon=opt.EPS,
+            parameters=model.parameters(), weight_decay=config.TRAIN.WEIGHT_DECAY,
+            apply_decay_param_fun=lambda name: name in decayed, grad_clip=clip)
+    if opt.NAME.lower() == 'sgd':
+        named = list(model.named_parameters())
+        groups = [{'params': [p for n, p in named if decays_weight(n, p)],
+                   'weight_decay': config.TRAIN.WEIGHT_DECAY},
+                  {'params': [p for n, p in named if not decays_weight(n, p)], 'weight_decay': 0.0}]
+        return paddle.optimizer.Momentum(learning_rate=lr_schedule, momentum=opt.MOMENTUM,
+                                         parameters=[g for g in groups if g['params']], grad_clip=clip)
+    raise UsageError(f'TRAIN.OPTIMIZER.NAME = {opt.NAME!r} is not one of AdamW, SGD')
 
 
 class ModelEma:
@@ -198,7 +207,7 @@ class Trainer:
     config: object
     model: nn.Layer
     net: nn.Layer
-    optimizer: paddle.optimizer.AdamW
+    optimizer: paddle.optimizer.Optimizer
     lr_schedule: WarmupCosineSchedule
     scaler: paddle.amp.GradScaler
     criterion: nn.Layer

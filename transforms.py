@@ -101,6 +101,25 @@ class RandomResizedCrop:
         return f'RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})'
 
 
+class ResizeRandomCrop:
+    """Resize to a `size + margin` square (aspect ratio not kept), then cut a random
+    `size` x `size` square: the official CvT's light fine-tuning crop."""
+
+    def __init__(self, size: int, margin: int = 32, interpolation: str = 'bicubic'):
+        self.size = size
+        self.margin = margin
+        self.resample = pil_interpolation(interpolation)
+
+    def __call__(self, image: Image.Image, rng: Generator) -> Image.Image:
+        side = self.size + self.margin
+        image = image.resize((side, side), self.resample)
+        left, top = (int(v) for v in rng.integers(0, self.margin + 1, size=2))
+        return image.crop((left, top, left + self.size, top + self.size))
+
+    def __repr__(self) -> str:
+        return f'ResizeRandomCrop(size={self.size}, margin={self.margin})'
+
+
 class RandomHorizontalFlip:
     """Mirror left-right with probability `prob`."""
 
@@ -445,8 +464,13 @@ def _augment_policy(config) -> str:
 def build_train_transforms(config) -> Compose:
     """The recipe's training transform: PIL RGB image -> normalised float32 CHW array."""
     data, train = config.DATA, config.TRAIN
-    steps = [RandomResizedCrop(data.IMAGE_SIZE, interpolation=data.INTERPOLATION),
-             RandomHorizontalFlip(0.5)]
+    if train.CROP_MODE == 'random_resized':
+        crop = RandomResizedCrop(data.IMAGE_SIZE, interpolation=data.INTERPOLATION)
+    elif train.CROP_MODE == 'resize_random':
+        crop = ResizeRandomCrop(data.IMAGE_SIZE, interpolation=data.INTERPOLATION)
+    else:
+        raise ValueError(f'TRAIN.CROP_MODE = {train.CROP_MODE!r} is not one of random_resized, resize_random')
+    steps = [crop, RandomHorizontalFlip(0.5)]
     policy = _augment_policy(config)
     if policy:
         # geometric ops fill with the dataset's mean colour, as timm's factory does
