@@ -34,7 +34,7 @@ def test_shipped_configs_hold_model_and_official_recipe(name, size, crop, depth,
     assert (train.SMOOTHING, train.COLOR_JITTER, train.RAND_AUGMENT) == (0.1, 0.4, 'rand-m9-mstd0.5-inc1')
     assert (train.RANDOM_ERASE_PROB, train.RANDOM_ERASE_MODE, train.RANDOM_ERASE_COUNT) == (0.25, 'pixel', 1)
     assert config.AMP is True
-    if name.startswith('cvt-w24'):
+    if name.startswith(('cvt-w24', 'cvt-21')):  # the official CvT-21 and W24 yaml files share this recipe
         assert (train.BASE_LR, train.LINEAR_SCALED_LR, train.WEIGHT_DECAY) == (1.25e-4, 128, 0.1)
     else:
         assert (train.BASE_LR, train.LINEAR_SCALED_LR, train.WEIGHT_DECAY) == (2.5e-4, 256, 0.05)
