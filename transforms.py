@@ -445,7 +445,7 @@ def _augment_policy(config) -> str:
 def build_train_transforms(config) -> Compose:
     """The recipe's training transform: PIL RGB image -> normalised float32 CHW array."""
     data, train = config.DATA, config.TRAIN
-    steps = [RandomResizedCrop(data.IMAGE_SIZE, interpolation=data.INTERPOLATION),
+    steps = [RandomResizedCrop(data.IMAGE_SIZE, scale=tuple(train.CROP_SCALE), interpolation=data.INTERPOLATION),
              RandomHorizontalFlip(0.5)]
     policy = _augment_policy(config)
     if policy:
