@@ -220,6 +220,8 @@ def _parse_value(text: str):
         return float(text)
     except ValueError:
         pass
+    if not text.strip():
+        return text  # '' switches a string setting off (TRAIN.RAND_AUGMENT '')
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -307,7 +309,8 @@ RANGES = (
     ('TRAIN.OPTIMIZER.EPS', (0,), None), ('TRAIN.OPTIMIZER.BETAS', 0, (1,)), ('TRAIN.OPTIMIZER.MOMENTUM', 0, 1),
     ('TRAIN.MIXUP_ALPHA', 0, None), ('TRAIN.CUTMIX_ALPHA', 0, None), ('TRAIN.CUTMIX_MINMAX', 0, 1),
     ('TRAIN.MIXUP_PROB', 0, 1), ('TRAIN.MIXUP_SWITCH_PROB', 0, 1), ('TRAIN.SMOOTHING', 0, (1,)),
-    ('TRAIN.COLOR_JITTER', 0, None), ('TRAIN.CROP_SCALE', (0,), 1), ('TRAIN.RANDOM_ERASE_PROB', 0, 1), ('TRAIN.RANDOM_ERASE_COUNT', 1, None),
+    ('TRAIN.COLOR_JITTER', 0, None), ('TRAIN.CROP_SCALE', (0,), 1), ('TRAIN.RANDOM_ERASE_PROB', 0, 1),
+    ('TRAIN.RANDOM_ERASE_COUNT', 1, None),
     ('TRAIN.DISTILLATION_ALPHA', 0, 1), ('TRAIN.DISTILLATION_TAU', (0,), None),
     ('SAVE_FREQ', 1, None), ('REPORT_FREQ', 1, None), ('VALIDATE_FREQ', 1, None), ('SEED', 0, None),
 )

@@ -79,14 +79,14 @@ def plot_curves(history: List[Dict[str, float]], path: str, title: str) -> None:
     figure = Figure(figsize=(13, 4), dpi=100)
     FigureCanvasAgg(figure)
     loss_axes, acc_axes, lr_axes = figure.subplots(1, 3)
-    loss_axes.plot(*series('train_loss'), color='tab:blue', label='train')
+    loss_axes.plot(*series('train_loss'), color='tab:blue', label='train (augmented)')
     if any(row.get('val_loss') is not None for row in history):
         loss_axes.plot(*series('val_loss'), 'o-', color='tab:orange', label='val')
     loss_axes.set_title('loss')
     for key, label, style, colour in (('val_acc1', 'val top-1', 'o-', 'tab:green'),
                                       ('val_acc5', 'val top-5', 's--', 'tab:olive'),
                                       ('val_ema_acc1', 'EMA val top-1', '^:', 'tab:purple'),
-                                      ('train_acc1', 'train top-1', '-', 'tab:gray')):
+                                      ('train_acc1', 'train top-1 (augmented)', '-', 'tab:gray')):
         epochs, values = series(key)
         if values:
             acc_axes.plot(epochs, values, style, color=colour, label=label,

@@ -136,9 +136,11 @@ def test_paddlevit_milestones_string_is_accepted(tmp_path):
 def test_opts_set_keys_with_yaml_types():
     config = get_config(os.path.join(CONFIGS, 'cvt-13-224x224.yaml'), [
         'TRAIN.BASE_LR', '5e-4', 'DATA.NUM_WORKERS', '8', 'MODEL.DEPTH', '[1, 1, 2]', 'AMP', 'false',
-        'TRAIN.RAND_AUGMENT', 'rand-m7-mstd0.5', 'TRAIN.GRAD_CLIP', '5', 'TRAIN.WARMUP_START_LR', '0'])
+        'TRAIN.RAND_AUGMENT', '', 'TRAIN.AUTO_AUGMENT', 'rand-m7-mstd0.5', 'TRAIN.GRAD_CLIP', '5',
+        'TRAIN.WARMUP_START_LR', '0'])
     assert config.TRAIN.BASE_LR == 5e-4 and config.DATA.NUM_WORKERS == 8 and config.AMP is False
-    assert config.MODEL.DEPTH == [1, 1, 2] and config.TRAIN.RAND_AUGMENT == 'rand-m7-mstd0.5'
+    assert config.MODEL.DEPTH == [1, 1, 2]
+    assert config.TRAIN.RAND_AUGMENT == '' and config.TRAIN.AUTO_AUGMENT == 'rand-m7-mstd0.5'
     assert config.TRAIN.GRAD_CLIP == 5 and config.TRAIN.WARMUP_START_LR == 0.0
     assert isinstance(config.TRAIN.WARMUP_START_LR, float)  # an integer where a float belongs is a float
 
@@ -226,3 +228,17 @@ def test_out_of_range_value_in_a_yaml_file_names_the_file(tmp_path):
 def test_bad_numeric_flags_are_named(flag, value, message):
     with pytest.raises(ConfigError, match=message):
         update_config(get_config(), argparse.Namespace(**{flag: value}))
+
+
+def test_tools_taking_cfg_take_opts_too(tmp_path, capsys):
+    from tools import model_info, predict
+    demo = os.path.join(CONFIGS, 'cvt-demo.yaml')
+    assert model_info.main(['-cfg', demo, '-opts', 'MODEL.DIM_EMBED', '[16, 32, 64]',
+                            'MODEL.NUM_HEADS', '[1, 1, 1]']) == 0
+    smaller = capsys.readouterr().out
+    assert model_info.main(['-cfg', demo]) == 0
+    assert smaller != capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(['-cfg', demo, '-pretrained', 'none', 'x.jpg', '-opts', 'DATA.IMAGE_SIZE', '0'])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == 'error: -opts: DATA.IMAGE_SIZE must be >= 1, got 0\n'

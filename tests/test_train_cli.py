@@ -41,6 +41,9 @@ def validation_numbers(log_text):
     ('main_single_gpu.py', ['-cfg', 'configs/no-such.yaml'], 'configs/no-such.yaml: config file not found'),
     ('main_multi_gpu.py', ['-ngpus', '2', '-data_path', '/no/such/folder'],
      '-data_path /no/such/folder: folder not found'),
+    ('main_single_gpu.py', ['-batch_size', '0'], 'command line: DATA.BATCH_SIZE must be >= 1, got 0'),
+    ('main_multi_gpu.py', ['-opts', 'TRAIN.BASE_LR', '5e-4', 'TRAIN.LR', '1'],
+     '-opts: Non-existent config key: TRAIN.LR'),
 ])
 def test_entry_points_report_usage_errors_in_one_line(data_path, tmp_path, script, args, message):
     cfg = write_tiny_yaml(str(tmp_path / 'tiny.yaml'), data_path, str(tmp_path / 'out'))

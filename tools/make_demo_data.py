@@ -12,8 +12,9 @@ only how the two shapes are placed relative to each other:
 So a model must find both shapes (local features: convolutions) and relate
 their positions across the image (global: attention); no colour, size or
 texture gives the class away, and a mirror image keeps its class (training
-flips images). Writes ``train/<synset>/*.JPEG``, ``val/<synset>/*.JPEG`` and
-``LOC_synset_mapping.txt`` naming the classes; the same seed gives the same files.
+flips images). Writes ``train/<synset>/*.JPEG``, ``val/<synset>/*.JPEG``,
+``LOC_synset_mapping.txt`` naming the classes and ``labels.txt`` (the names alone,
+for the tools' -labels); the same seed gives the same files.
 """
 
 import argparse
@@ -30,9 +31,9 @@ Placer = Callable[[np.random.RandomState, int], Tuple[Box, Box]]  # -> (circle, 
 
 def _separated(rng: np.random.RandomState, size: int, vertical: bool) -> Tuple[Box, Box]:
     """Two shapes apart along one axis (first one first: above / left), roughly aligned on the other."""
-    half = rng.uniform(0.1, 0.15, size=2) * size
+    half = rng.uniform(0.12, 0.16, size=2) * size
     margin = 0.06 * size
-    gap = rng.uniform(0.06, 0.2) * size
+    gap = rng.uniform(0.05, 0.15) * size
     span = 2 * half[0] + gap + 2 * half[1]
     start = rng.uniform(margin, size - margin - span) if span < size - 2 * margin else margin
     along = (start + half[0], start + 2 * half[0] + gap + half[1])
@@ -131,6 +132,8 @@ def make_demo_data(output: str, train_per_class: int = 200, val_per_class: int =
     with open(os.path.join(output, 'LOC_synset_mapping.txt'), 'w') as mapping:
         for index, name in enumerate(names):
             mapping.write(f'{synset(index)} {name}\n')
+    with open(os.path.join(output, 'labels.txt'), 'w') as labels:  # for the tools' -labels
+        labels.writelines(f'{name}\n' for name in names)
     return names
 
 
