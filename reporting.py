@@ -71,6 +71,7 @@ def plot_curves(history: List[Dict[str, float]], path: str, title: str) -> None:
     # the Figure API, not pyplot: no process-wide state, no display needed
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     def series(key):
         points = [(row['epoch'], row[key]) for row in history if row.get(key) is not None]
@@ -101,6 +102,7 @@ def plot_curves(history: List[Dict[str, float]], path: str, title: str) -> None:
     lr_axes.ticklabel_format(axis='y', style='sci', scilimits=(-2, 2))
     for axes in (loss_axes, acc_axes, lr_axes):
         axes.set_xlabel('epoch')
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:
             axes.legend(loc='best', fontsize='small')

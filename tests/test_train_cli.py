@@ -60,6 +60,8 @@ def test_two_processes_train_and_evaluate_every_image_once_like_one(data_path, t
     assert trained.returncode == 0, trained.stderr[-3000:]
     log = (tmp_path / 'train2' / 'log.txt').read_text()
     assert '2 process(es) on cpu' in log
+    # only rank 0 prints: one settings line, one epoch line
+    assert trained.stdout.count('log and full config:') == 1 and trained.stdout.count(' | train loss ') == 1
     two_process = validation_numbers(log)
     assert two_process[3] == 30  # each val image once, though 30 / 2 processes / batch 8 is uneven
     checkpoint = glob.glob(str(tmp_path / 'train2' / 'CvT-Epoch-1-*.pdparams'))[0]
