@@ -132,7 +132,7 @@ class Reporter:
     """
 
     def __init__(self, config, logger, rank: int = 0, interactive: Optional[bool] = None,
-                 stream: TextIO = None):
+                 stream: Optional[TextIO] = None):
         self.config, self.logger, self.active = config, logger, rank == 0
         self.stream = stream or sys.stdout
         self.interactive = self.active and (self.stream.isatty() if interactive is None else interactive)
