@@ -354,7 +354,8 @@ def _describe_range(low, high) -> str:
 
 
 def update_config(config, args):
-    """Override `config` with the command-line `args` (PaddleViT's flags).
+    """Override `config` with the command-line `args`: the -cfg file, then the
+    -opts pairs, then PaddleViT's flags.
 
     Flags that are absent or unset leave the config as it is.
     """
@@ -363,7 +364,6 @@ def update_config(config, args):
 
     if arg('cfg'):
         _update_config_from_file(config, args.cfg)
-    config.defrost()
     if arg('opts'):
         merge_opts(config, args.opts)
     config.defrost()
