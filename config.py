@@ -4,12 +4,15 @@ Defaults live here; the recipe of each released model lives in its yaml file
 under ``configs/``; command-line flags override both (``update_config``).
 Key names follow PaddleViT's CvT config, plus the official microsoft/CvT
 per-stage model keys that PaddleViT dropped (MLP_RATIO, QKV_BIAS, ...).
+``-opts KEY VALUE ...`` on the command line sets any key, checked as a yaml
+file's keys are (``merge_opts``); ``validate_config`` checks every value's range.
 
 A yaml file may name parent files with ``BASE: [a.yaml, ...]`` (paths relative
 to the file); parents are merged first, in order, then the file itself.
 """
 
 import os
+from typing import Sequence
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -91,6 +94,10 @@ _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
 
 # train augmentation
+# random_resized: a random area (CROP_SCALE) and aspect ratio, resized to IMAGE_SIZE;
+# resize_random: resize to IMAGE_SIZE + 32 square, then a random IMAGE_SIZE crop (fine-tuning)
+_C.TRAIN.CROP_MODE = 'random_resized'
+_C.TRAIN.CROP_SCALE = [0.08, 1.0]  # the share of the image area that a RandomResizedCrop keeps
 _C.TRAIN.MIXUP_ALPHA = 0.8
 _C.TRAIN.CUTMIX_ALPHA = 1.0
 _C.TRAIN.CUTMIX_MINMAX = None
@@ -99,9 +106,6 @@ _C.TRAIN.MIXUP_SWITCH_PROB = 0.5
 _C.TRAIN.MIXUP_MODE = 'batch'  # batch, pair or elem
 
 _C.TRAIN.SMOOTHING = 0.1
-# random_resized: a random area (8-100%) and aspect ratio, resized to IMAGE_SIZE;
-# resize_random: resize to IMAGE_SIZE + 32 square, then a random IMAGE_SIZE crop (fine-tuning)
-_C.TRAIN.CROP_MODE = 'random_resized'
 _C.TRAIN.COLOR_JITTER = 0.4
 _C.TRAIN.AUTO_AUGMENT = ''  # a policy string such as 'rand-m9-mstd0.5-inc1'; '' is off
 _C.TRAIN.RAND_AUGMENT = 'rand-m9-mstd0.5-inc1'  # '' is off (then COLOR_JITTER applies)
@@ -127,6 +131,7 @@ _C.VALIDATE_FREQ = 10  # epochs between validations
 _C.SEED = 0
 _C.EVAL = False  # evaluate only
 _C.AMP = False  # mixed precision training
+_C.VISUALDL = False  # write scalars to <SAVE>/vdl for VisualDL (pip install visualdl)
 _C.LOCAL_RANK = 0
 _C.NGPUS = -1
 
@@ -174,16 +179,77 @@ def _update_config_from_file(config, cfg_file, _seen=()):
         if base:
             _update_config_from_file(
                 config, os.path.join(os.path.dirname(cfg_file), base), _seen + (cfg_file,))
+    _merge(config, data, cfg_file)
+    config.freeze()
+
+
+def _floats_where_floats_belong(data: dict, defaults: CN) -> dict:
+    """`data` with integers turned into floats where the default is a float
+    (`BASE_LR: 1` means 1.0; yacs would call it a type mismatch)."""
+    fixed = {}
+    for key, value in data.items():
+        default = defaults.get(key) if isinstance(defaults, CN) else None
+        if isinstance(value, dict) and isinstance(default, CN):
+            value = _floats_where_floats_belong(value, default)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        fixed[key] = value
+    return fixed
+
+
+def _merge(config: CN, data: dict, source: str) -> None:
+    """Merge the nested dict `data` into the (unfrozen) `config` and validate;
+    errors name `source` (a file, or -opts) and the key."""
     try:
-        config.merge_from_other_cfg(CN(data))
+        config.merge_from_other_cfg(CN(_floats_where_floats_belong(data, config)))
     except (KeyError, ValueError) as err:
         # yacs says 'Non-existent config key: X' or 'Type mismatch ... for config key: X'
         message = err.args[0] if err.args else str(err)
-        raise ConfigError(f'{cfg_file}: {message}') from None
+        raise ConfigError(f'{source}: {message}') from None
     try:
         validate_config(config)
     except ConfigError as err:
-        raise ConfigError(f'{cfg_file}: {err}') from None
+        raise ConfigError(f'{source}: {err}') from None
+
+
+def _parse_value(text: str):
+    """A command-line value as yaml would read it, except that a number such
+    as 5e-4 is a number (PyYAML reads it as a string)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if not text.strip():
+        return text  # '' switches a string setting off (TRAIN.RAND_AUGMENT '')
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def merge_opts(config: CN, opts: Sequence[str]) -> None:
+    """Set `opts` = [KEY, VALUE, KEY, VALUE, ...] (dotted keys such as
+    TRAIN.BASE_LR, values written as in yaml) in `config`, with the checks and
+    error messages of a yaml file's keys."""
+    if len(opts) % 2:
+        raise ConfigError(f'-opts takes KEY VALUE pairs; {opts[-1]!r} has no value')
+    data: dict = {}
+    for key, text in zip(opts[0::2], opts[1::2]):
+        if key == 'BASE':
+            raise ConfigError('-opts: BASE can only be set in a yaml file')
+        *parents, leaf = key.split('.')
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f'-opts: {key} sets a key inside a value given earlier')
+        node[leaf] = _parse_value(text)
+    config.defrost()
+    _merge(config, data, '-opts')
     config.freeze()
 
 
@@ -208,19 +274,92 @@ def validate_config(config):
                 f'MODEL.QKV_PROJ_METHOD[{i}] = {method!r} is not one of {", ".join(QKV_PROJ_METHODS)}')
     if model.INIT not in INIT_METHODS:
         raise ConfigError(f'MODEL.INIT = {model.INIT!r} is not one of {", ".join(INIT_METHODS)}')
-    if model.NUM_CLASSES < 0:
-        raise ConfigError(f'MODEL.NUM_CLASSES must be >= 0, got {model.NUM_CLASSES}')
-    if not 0 < config.DATA.CROP_PCT <= 1:
-        raise ConfigError(f'DATA.CROP_PCT must be in (0, 1], got {config.DATA.CROP_PCT}')
-    for key in ('BATCH_SIZE', 'BATCH_SIZE_EVAL', 'IMAGE_SIZE'):
-        if config.DATA[key] < 1:
-            raise ConfigError(f'DATA.{key} must be positive, got {config.DATA[key]}')
-    if config.TRAIN.ACCUM_ITER < 1:
-        raise ConfigError(f'TRAIN.ACCUM_ITER must be >= 1, got {config.TRAIN.ACCUM_ITER}')
+    for key, low, high in RANGES:
+        _check_range(config, key, low, high)
+    for key, choices in CHOICES:
+        value = _lookup(config, key)
+        if value not in choices:
+            raise ConfigError(f'{key} = {value!r} is not one of {", ".join(choices)}')
+    for key, size in (('DATA.IMAGENET_MEAN', 3), ('DATA.IMAGENET_STD', 3), ('TRAIN.OPTIMIZER.BETAS', 2),
+                      ('TRAIN.CUTMIX_MINMAX', 2), ('TRAIN.CROP_SCALE', 2)):
+        value = _lookup(config, key)
+        if value is not None and (not isinstance(value, (list, tuple)) or len(value) != size):
+            raise ConfigError(f'{key} must hold {size} numbers, got {value!r}')
+    for key in ('TRAIN.CUTMIX_MINMAX', 'TRAIN.CROP_SCALE'):
+        value = _lookup(config, key)
+        if value is not None and value[0] > value[1]:
+            raise ConfigError(f'{key} must be [low, high] with low <= high, got {list(value)}')
+    if config.NGPUS == 0 or config.NGPUS < -1:
+        raise ConfigError(f'NGPUS must be -1 (every visible GPU) or a positive count, got {config.NGPUS}')
+
+
+# (key, lowest, highest) of every numeric key; a bound in a tuple is excluded
+# from the range, None is no bound. A key whose value may be None skips the
+# check when it is None; per-stage and list keys check every entry.
+RANGES = (
+    ('DATA.BATCH_SIZE', 1, None), ('DATA.BATCH_SIZE_EVAL', 1, None), ('DATA.IMAGE_SIZE', 1, None),
+    ('DATA.CROP_PCT', (0,), 1), ('DATA.NUM_WORKERS', 0, None), ('DATA.IMAGENET_STD', (0,), None),
+    ('MODEL.NUM_CLASSES', 0, None),
+    ('MODEL.PATCH_SIZE', 1, None), ('MODEL.PATCH_STRIDE', 1, None), ('MODEL.PATCH_PADDING', 0, None),
+    ('MODEL.DIM_EMBED', 1, None), ('MODEL.NUM_HEADS', 1, None), ('MODEL.DEPTH', 1, None),
+    ('MODEL.MLP_RATIO', (0,), None), ('MODEL.DROP_RATE', 0, (1,)), ('MODEL.ATTN_DROP_RATE', 0, (1,)),
+    ('MODEL.DROP_PATH_RATE', 0, (1,)), ('MODEL.KERNEL_QKV', 1, None), ('MODEL.PADDING_Q', 0, None),
+    ('MODEL.PADDING_KV', 0, None), ('MODEL.STRIDE_Q', 1, None), ('MODEL.STRIDE_KV', 1, None),
+    ('TRAIN.LAST_EPOCH', 0, None), ('TRAIN.NUM_EPOCHS', 1, None), ('TRAIN.WARMUP_EPOCHS', 0, None),
+    ('TRAIN.WEIGHT_DECAY', 0, None), ('TRAIN.BASE_LR', (0,), None), ('TRAIN.WARMUP_START_LR', 0, None),
+    ('TRAIN.END_LR', 0, None), ('TRAIN.GRAD_CLIP', (0,), None), ('TRAIN.ACCUM_ITER', 1, None),
+    ('TRAIN.MODEL_EMA_DECAY', 0, 1), ('TRAIN.LINEAR_SCALED_LR', 1, None),
+    ('TRAIN.OPTIMIZER.EPS', (0,), None), ('TRAIN.OPTIMIZER.BETAS', 0, (1,)), ('TRAIN.OPTIMIZER.MOMENTUM', 0, 1),
+    ('TRAIN.MIXUP_ALPHA', 0, None), ('TRAIN.CUTMIX_ALPHA', 0, None), ('TRAIN.CUTMIX_MINMAX', 0, 1),
+    ('TRAIN.MIXUP_PROB', 0, 1), ('TRAIN.MIXUP_SWITCH_PROB', 0, 1), ('TRAIN.SMOOTHING', 0, (1,)),
+    ('TRAIN.COLOR_JITTER', 0, None), ('TRAIN.CROP_SCALE', (0,), 1), ('TRAIN.RANDOM_ERASE_PROB', 0, 1),
+    ('TRAIN.RANDOM_ERASE_COUNT', 1, None),
+    ('TRAIN.DISTILLATION_ALPHA', 0, 1), ('TRAIN.DISTILLATION_TAU', (0,), None),
+    ('SAVE_FREQ', 1, None), ('REPORT_FREQ', 1, None), ('VALIDATE_FREQ', 1, None), ('SEED', 0, None),
+)
+CHOICES = (
+    ('TRAIN.MIXUP_MODE', ('batch', 'pair', 'elem')),
+    ('TRAIN.RANDOM_ERASE_MODE', ('const', 'rand', 'pixel')),
+    ('TRAIN.DISTILLATION_TYPE', ('none', 'soft', 'hard')),
+    ('TRAIN.CROP_MODE', ('random_resized', 'resize_random')),
+)
+
+
+def _lookup(config: CN, key: str):
+    node = config
+    for part in key.split('.'):
+        node = node[part]
+    return node
+
+
+def _check_range(config: CN, key: str, low, high) -> None:
+    """Raise ConfigError unless every number of `key` lies within [low, high]
+    (a bound given as a 1-tuple is excluded)."""
+    value = _lookup(config, key)
+    if value is None and _lookup(_C, key) is None:
+        return  # an optional key left unset
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for i, number in enumerate(values):
+        name = f'{key}[{i}]' if isinstance(value, (list, tuple)) else key
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f'{name} must be a number, got {number!r}')
+        too_low = low is not None and (number <= low[0] if isinstance(low, tuple) else number < low)
+        too_high = high is not None and (number >= high[0] if isinstance(high, tuple) else number > high)
+        if too_low or too_high:
+            raise ConfigError(f'{name} must be {_describe_range(low, high)}, got {number!r}')
+
+
+def _describe_range(low, high) -> str:
+    if high is None:
+        return f'> {low[0]}' if isinstance(low, tuple) else f'>= {low}'
+    left = f'({low[0]}' if isinstance(low, tuple) else f'[{low}'
+    right = f'{high[0]})' if isinstance(high, tuple) else f'{high}]'
+    return f'in {left}, {right}'
 
 
 def update_config(config, args):
-    """Override `config` with the command-line `args` (PaddleViT's flags).
+    """Override `config` with the command-line `args`: the -cfg file, then the
+    -opts pairs, then PaddleViT's flags.
 
     Flags that are absent or unset leave the config as it is.
     """
@@ -229,12 +368,15 @@ def update_config(config, args):
 
     if arg('cfg'):
         _update_config_from_file(config, args.cfg)
+    if arg('opts'):
+        merge_opts(config, args.opts)
     config.defrost()
+    # a flag given with a bad number (-batch_size 0) reaches validate_config below
     if arg('dataset'):
         config.DATA.DATASET = args.dataset
-    if arg('batch_size'):
+    if arg('batch_size') is not None:
         config.DATA.BATCH_SIZE = args.batch_size
-    if arg('image_size'):
+    if arg('image_size') is not None:
         config.DATA.IMAGE_SIZE = args.image_size
     if arg('num_classes') is not None:
         config.MODEL.NUM_CLASSES = args.num_classes
@@ -242,28 +384,36 @@ def update_config(config, args):
         config.DATA.DATA_PATH = args.data_path
     if arg('output') is not None:
         config.SAVE = args.output
-    if arg('ngpus'):
+    if arg('ngpus') is not None:
         config.NGPUS = args.ngpus
     if arg('eval'):
         config.EVAL = True
-        if arg('batch_size'):
+        if arg('batch_size') is not None:
             config.DATA.BATCH_SIZE_EVAL = args.batch_size
     if arg('pretrained'):
         config.MODEL.PRETRAINED = args.pretrained
     if arg('resume'):
         config.MODEL.RESUME = args.resume
-    if arg('last_epoch'):
+    if arg('last_epoch') is not None:
         config.TRAIN.LAST_EPOCH = args.last_epoch
     if arg('amp'):
         # mixed precision is a training option; evaluation runs in float32
         config.AMP = not config.EVAL
-    validate_config(config)
+    if arg('visualdl'):
+        config.VISUALDL = True
+    try:
+        validate_config(config)
+    except ConfigError as err:
+        raise ConfigError(f'command line: {err}') from None
     return config
 
 
-def get_config(cfg_file=None):
-    """Return a copy of the defaults, merged with `cfg_file` if given."""
+def get_config(cfg_file=None, opts: Sequence[str] = ()):
+    """Return a copy of the defaults, merged with `cfg_file` if given, then `opts`
+    (KEY VALUE pairs, see `merge_opts`)."""
     config = _C.clone()
     if cfg_file:
         _update_config_from_file(config, cfg_file)
+    if opts:
+        merge_opts(config, opts)
     return config

@@ -20,7 +20,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import paddle
@@ -32,8 +32,9 @@ import cvt
 import datasets
 import losses
 import mixup as mixup_lib
+import reporting
 from config import get_config
-from utils import AverageMeter, NonFiniteLossError, UsageError, format_seconds, get_logger
+from utils import FILE_ONLY, AverageMeter, NonFiniteLossError, UsageError, format_seconds, get_logger
 
 BATCH_NORMS = (nn.BatchNorm, nn.BatchNorm1D, nn.BatchNorm2D, nn.BatchNorm3D)
 # ops kept in float32 under float16 autocast: normalisation and attention weights
@@ -217,12 +218,18 @@ class Trainer:
     steps_per_epoch: int
     world_size: int
     logger: object
+    reporter: Optional[reporting.Reporter] = None  # default: rank 0 reports, on stdout
+
+    def __post_init__(self):
+        if self.reporter is None:
+            rank = dist.get_rank() if self.world_size > 1 else 0
+            self.reporter = reporting.Reporter(self.config, self.logger, rank)
 
 
 def train_one_epoch(trainer: Trainer, loader, epoch: int) -> Tuple[float, float]:
     """Train one epoch (numbered from 1); return the mean loss and top-1 accuracy
     over all processes. Accuracy under mixup is against the unmixed labels."""
-    config, logger = trainer.config, trainer.logger
+    config = trainer.config
     accum = config.TRAIN.ACCUM_ITER
     micro_steps = trainer.steps_per_epoch * accum  # a last incomplete accumulation is dropped
     num_epochs = config.TRAIN.NUM_EPOCHS
@@ -255,35 +262,40 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int) -> Tuple[float, float]
                 f'training stopped (checkpoints written before are kept in {config.SAVE})')
         loss_meter.update(loss_sum / count, int(count))
         acc_meter.update(correct / count, int(count))
-        if (step + 1) % config.REPORT_FREQ == 0 or step + 1 == micro_steps:
-            elapsed = time.time() - start
-            left = elapsed / (step + 1) * ((micro_steps - step - 1) + micro_steps * (num_epochs - epoch))
-            logger.info(
-                f'Epoch[{epoch:03d}/{num_epochs:03d}], Step[{step + 1:04d}/{micro_steps:04d}], '
-                f'Loss: {loss_sum / count:.4f} (avg {loss_meter.avg:.4f}), '
-                f'Acc@1: {correct / count:.4f} (avg {acc_meter.avg:.4f}), '
-                f'LR: {trainer.optimizer.get_lr():.6e}, {loss_meter.count / elapsed:.1f} images/s, '
-                f'time left: {format_seconds(left)}')
+        elapsed = time.time() - start
+        left = elapsed / (step + 1) * ((micro_steps - step - 1) + micro_steps * (num_epochs - epoch))
+        lr, images_per_s = trainer.optimizer.get_lr(), loss_meter.count / elapsed
+        trainer.reporter.train_step(
+            epoch, step + 1, micro_steps,
+            f'Epoch[{epoch:03d}/{num_epochs:03d}], Step[{step + 1:04d}/{micro_steps:04d}], '
+            f'Loss: {loss_sum / count:.4f} (avg {loss_meter.avg:.4f}), '
+            f'Acc@1: {correct / count:.4f} (avg {acc_meter.avg:.4f}), '
+            f'LR: {lr:.6e}, {images_per_s:.1f} images/s, time left: {format_seconds(left)}',
+            loss=loss_sum / count, acc1=correct / count, loss_avg=loss_meter.avg, lr=lr,
+            images_per_s=images_per_s, seconds_left=left)
     return loss_meter.avg, acc_meter.avg
 
 
 @paddle.no_grad()
-def validate(model: nn.Layer, loader, world_size: int = 1, expected_count: Optional[int] = None
-             ) -> Dict[str, float]:
+def validate(model: nn.Layer, loader, world_size: int = 1, expected_count: Optional[int] = None,
+             progress: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
     """Cross-entropy loss, top-1 and top-5 accuracy over the whole val set.
 
     Each process evaluates its own shard; sums are combined over processes, so
     every image counts once. `expected_count` (the val set size) guards that.
+    `progress` is called with the number of batches done after each one.
     """
     model.eval()
     loss_sum = correct1 = correct5 = count = 0.0
-    for images, labels in loader:
+    for batch, (images, labels) in enumerate(loader, 1):
         logits = model(images).astype('float32')
         labels = labels.reshape([-1])
         loss_sum += float(F.cross_entropy(logits, labels, reduction='sum'))
         correct1 += count_correct(logits, labels, 1)
         correct5 += count_correct(logits, labels, 5)
         count += labels.shape[0]
+        if progress is not None:
+            progress(batch)
     loss_sum, correct1, correct5, count = all_reduce_sums([loss_sum, correct1, correct5, count], world_size)
     if expected_count is not None and int(count) != expected_count:
         raise RuntimeError(f'validation saw {int(count)} images, the val set has {expected_count}')
@@ -452,6 +464,8 @@ def check_paths(config) -> None:
                 raise UsageError(f'{flag}: {err}') from None
     if config.EVAL and not (config.MODEL.PRETRAINED or config.MODEL.RESUME):
         raise UsageError('-eval needs the weights to evaluate: -pretrained PATH')
+    if config.VISUALDL and not config.EVAL:
+        reporting.require_visualdl()
     if config.TRAIN.DISTILLATION_TYPE != 'none' and not config.EVAL:
         if not config.TRAIN.TEACHER_CFG or not config.TRAIN.TEACHER_PRETRAINED:
             raise UsageError(f'TRAIN.DISTILLATION_TYPE = {config.TRAIN.DISTILLATION_TYPE!r} needs '
@@ -486,8 +500,9 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if multi_process else (0, 1)
     logger = get_logger(config.SAVE, rank)
     check_paths(config)
-    logger.info(f'config:\n{config}')
-    logger.info(f'{world_size} process(es) on {paddle.get_device()}')
+    reporter = reporting.Reporter(config, logger, rank)
+    reporter.log_config()
+    logger.info(f'{world_size} process(es) on {paddle.get_device()}', extra=FILE_ONLY)
 
     seed_everything(config.SEED)
     try:
@@ -509,22 +524,35 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
             cvt.load_pretrained(model, config.MODEL.PRETRAINED, log=logger.info)
         except ValueError as err:
             raise UsageError(str(err)) from None
-        logger.info(f'loaded weights {config.MODEL.PRETRAINED}')
+        logger.info(f'loaded weights {config.MODEL.PRETRAINED}', extra=FILE_ONLY)
+    settings = dict(train_images=None if train_set is None else len(train_set), val_images=len(val_set),
+                    num_classes=val_set.num_classes, params=sum(int(np.prod(p.shape)) for p in model.parameters()),
+                    world_size=world_size, device=paddle.get_device())
 
     if config.EVAL:
+        reporter.log_settings(**settings)
         if config.MODEL.RESUME and not config.MODEL.PRETRAINED:
             _load_weights_exactly(model, cvt.resolve_weights_path(config.MODEL.RESUME))
         start = time.time()
-        metrics = validate(model, val_loader, world_size, expected_count=len(val_set))
-        logger.info(f'----- {format_validation(metrics)}, time: {time.time() - start:.2f}s')
+        metrics = validate(model, val_loader, world_size, expected_count=len(val_set),
+                           progress=reporter.eval_progress(len(val_loader)))
+        logger.info(f'----- {format_validation(metrics)}, time: {time.time() - start:.2f}s', extra=FILE_ONLY)
+        reporter.evaluated(metrics, time.time() - start)
         return {'val': metrics}
 
     steps_per_epoch = len(train_loader) // config.TRAIN.ACCUM_ITER
     trainer = build_trainer(config, model, mixup, steps_per_epoch, world_size, logger)
+    trainer.reporter = reporter
     epochs_done = resume(trainer, config.MODEL.RESUME, config.TRAIN.LAST_EPOCH) if config.MODEL.RESUME else 0
+    reporter.log_settings(**settings, epochs_done=epochs_done)
     logger.info(f'training epochs {epochs_done + 1}-{config.TRAIN.NUM_EPOCHS}: {steps_per_epoch} steps of '
-                f'{global_batch_size(config, world_size)} images each, peak LR {trainer.lr_schedule.peak_lr:.3e}')
-    return fit(trainer, train_loader, val_loader, len(val_set), epochs_done + 1, rank)
+                f'{global_batch_size(config, world_size)} images each, peak LR {trainer.lr_schedule.peak_lr:.3e}',
+                extra=FILE_ONLY)
+    reporter.start_training(epochs_done)
+    try:
+        return fit(trainer, train_loader, val_loader, len(val_set), epochs_done + 1, rank)
+    finally:
+        reporter.close()
 
 
 def build_teacher(config, logger) -> nn.Layer:
@@ -588,24 +616,31 @@ def fit(trainer: Trainer, train_loader, val_loader, val_size: int, first_epoch: 
         average_batchnorm_statistics(trainer.model, world_size)
         if trainer.ema is not None:
             average_batchnorm_statistics(trainer.ema.module, world_size)
-        logger.info(f'----- Epoch[{epoch:03d}/{num_epochs:03d}], LR: {trainer.optimizer.get_lr():.6e}, '
+        train_seconds, lr = time.time() - start, trainer.optimizer.get_lr()
+        logger.info(f'----- Epoch[{epoch:03d}/{num_epochs:03d}], LR: {lr:.6e}, '
                     f'Train Loss: {train_loss:.4f}, Train Acc@1: {train_acc:.4f}, '
-                    f'time: {format_seconds(time.time() - start)}')
+                    f'time: {format_seconds(train_seconds)}', extra=FILE_ONLY)
         result['train_loss'] = train_loss
         last = epoch == num_epochs
-        if epoch % config.VALIDATE_FREQ == 0 or last:
+        validated = epoch % config.VALIDATE_FREQ == 0 or last
+        if validated:
             start = time.time()
-            result['val'] = validate(trainer.model, val_loader, world_size, expected_count=val_size)
+            result['val'] = validate(trainer.model, val_loader, world_size, expected_count=val_size,
+                                     progress=trainer.reporter.eval_progress(len(val_loader)))
             logger.info(f'----- Epoch[{epoch:03d}/{num_epochs:03d}], '
-                        f'{format_validation(result["val"])}, time: {time.time() - start:.2f}s')
+                        f'{format_validation(result["val"])}, time: {time.time() - start:.2f}s', extra=FILE_ONLY)
             if trainer.ema is not None:
                 result['val_ema'] = validate(trainer.ema.module, val_loader, world_size, expected_count=val_size)
                 logger.info(f'----- Epoch[{epoch:03d}/{num_epochs:03d}], '
-                            f'{format_validation(result["val_ema"], prefix="EMA ")}')
+                            f'{format_validation(result["val_ema"], prefix="EMA ")}', extra=FILE_ONLY)
+        saved = None
         if epoch % config.SAVE_FREQ == 0 or last:
             if rank == 0:
-                result['checkpoint'] = save_checkpoint(trainer, epoch, train_loss)
-                logger.info(f'----- saved {result["checkpoint"]}')
+                saved = result['checkpoint'] = save_checkpoint(trainer, epoch, train_loss)
+                logger.info(f'----- saved {result["checkpoint"]}', extra=FILE_ONLY)
             if world_size > 1:
                 dist.barrier()
+        trainer.reporter.end_epoch(epoch, train_loss=train_loss, train_acc1=train_acc, lr=lr,
+                                   seconds=train_seconds, val=result['val'] if validated else None,
+                                   val_ema=result.get('val_ema') if validated else None, checkpoint=saved)
     return result

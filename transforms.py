@@ -465,11 +465,9 @@ def build_train_transforms(config) -> Compose:
     """The recipe's training transform: PIL RGB image -> normalised float32 CHW array."""
     data, train = config.DATA, config.TRAIN
     if train.CROP_MODE == 'random_resized':
-        crop = RandomResizedCrop(data.IMAGE_SIZE, interpolation=data.INTERPOLATION)
-    elif train.CROP_MODE == 'resize_random':
+        crop = RandomResizedCrop(data.IMAGE_SIZE, scale=tuple(train.CROP_SCALE), interpolation=data.INTERPOLATION)
+    else:  # resize_random (validate_config admits no other)
         crop = ResizeRandomCrop(data.IMAGE_SIZE, interpolation=data.INTERPOLATION)
-    else:
-        raise ValueError(f'TRAIN.CROP_MODE = {train.CROP_MODE!r} is not one of random_resized, resize_random')
     steps = [crop, RandomHorizontalFlip(0.5)]
     policy = _augment_policy(config)
     if policy:

@@ -17,6 +17,23 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+# `extra=` of a log call that only the log file gets (the full config, step lines
+# under a progress bar), or only the terminal (its short summaries)
+FILE_ONLY = {'destination': 'file'}
+TERMINAL_ONLY = {'destination': 'terminal'}
+
+
+class _DestinationFilter(logging.Filter):
+    """Passes the records not reserved for the other destination."""
+
+    def __init__(self, other: str):
+        super().__init__()
+        self.other = other
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, 'destination', None) != self.other
+
+
 # errors that the entry points report in one line (exit code 2), without a traceback
 USAGE_ERRORS = (UsageError, ConfigError, FileNotFoundError, NotADirectoryError)
 
@@ -42,11 +59,24 @@ def get_arguments(description: str) -> argparse.Namespace:
                         help='epoch the -resume checkpoint ended; default: read from the checkpoint')
     parser.add_argument('-eval', action='store_true', help='only evaluate -pretrained on the val set')
     parser.add_argument('-amp', action='store_true', help='mixed precision training (float16, GPU)')
+    parser.add_argument('-visualdl', action='store_true',
+                        help='write loss, accuracy, LR and images/s to <output>/vdl for VisualDL')
+    add_opts_argument(parser)
     return parser.parse_args()
 
 
+def add_opts_argument(parser: argparse.ArgumentParser) -> None:
+    """-opts KEY VALUE [KEY VALUE ...]: any config key, after the yaml file (config.merge_opts)."""
+    parser.add_argument('-opts', nargs='+', default=None, metavar='KEY VALUE',
+                        help='config keys to set after the yaml file, e.g. -opts TRAIN.BASE_LR 5e-4 '
+                             'DATA.NUM_WORKERS 8')
+
+
 def get_logger(output_dir: Optional[str], rank: int = 0, name: str = 'cvt') -> logging.Logger:
-    """A logger writing to stdout and `output_dir`/log.txt on rank 0, silent elsewhere."""
+    """A logger writing to stdout and `output_dir`/log.txt on rank 0, silent elsewhere.
+
+    A record logged with `extra=FILE_ONLY` skips stdout, one with `extra=TERMINAL_ONLY` the file.
+    """
     logger = logging.getLogger(f'{name}.rank{rank}')
     logger.propagate = False
     for handler in list(logger.handlers):
@@ -57,10 +87,14 @@ def get_logger(output_dir: Optional[str], rank: int = 0, name: str = 'cvt') -> l
         return logger
     logger.setLevel(logging.INFO)
     formatter = logging.Formatter('%(asctime)s %(message)s', datefmt='%Y-%m-%d %H:%M:%S')
-    handlers = [logging.StreamHandler(sys.stdout)]
+    terminal = logging.StreamHandler(sys.stdout)
+    terminal.addFilter(_DestinationFilter('file'))
+    handlers = [terminal]
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(output_dir, 'log.txt')))
+        log_file = logging.FileHandler(os.path.join(output_dir, 'log.txt'))
+        log_file.addFilter(_DestinationFilter('terminal'))
+        handlers.append(log_file)
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)

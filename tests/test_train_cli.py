@@ -41,6 +41,9 @@ def validation_numbers(log_text):
     ('main_single_gpu.py', ['-cfg', 'configs/no-such.yaml'], 'configs/no-such.yaml: config file not found'),
     ('main_multi_gpu.py', ['-ngpus', '2', '-data_path', '/no/such/folder'],
      '-data_path /no/such/folder: folder not found'),
+    ('main_single_gpu.py', ['-batch_size', '0'], 'command line: DATA.BATCH_SIZE must be >= 1, got 0'),
+    ('main_multi_gpu.py', ['-opts', 'TRAIN.BASE_LR', '5e-4', 'TRAIN.LR', '1'],
+     '-opts: Non-existent config key: TRAIN.LR'),
 ])
 def test_entry_points_report_usage_errors_in_one_line(data_path, tmp_path, script, args, message):
     cfg = write_tiny_yaml(str(tmp_path / 'tiny.yaml'), data_path, str(tmp_path / 'out'))
@@ -57,6 +60,8 @@ def test_two_processes_train_and_evaluate_every_image_once_like_one(data_path, t
     assert trained.returncode == 0, trained.stderr[-3000:]
     log = (tmp_path / 'train2' / 'log.txt').read_text()
     assert '2 process(es) on cpu' in log
+    # only rank 0 prints: one settings line, one epoch line
+    assert trained.stdout.count('log and full config:') == 1 and trained.stdout.count(' | train loss ') == 1
     two_process = validation_numbers(log)
     assert two_process[3] == 30  # each val image once, though 30 / 2 processes / batch 8 is uneven
     checkpoint = glob.glob(str(tmp_path / 'train2' / 'CvT-Epoch-1-*.pdparams'))[0]

@@ -11,16 +11,17 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from utils import fail  # noqa: F401  (the tools stop on bad input as the training scripts do)
+from utils import add_opts_argument, fail  # noqa: F401  (the tools stop on bad input as the training scripts do)
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif', '.ppm', '.jfif')
 
 
-def load_config(cfg_file: str):
-    """The config of `cfg_file`, or exit naming what is wrong with it."""
+def load_config(cfg_file: str, opts: Optional[Sequence[str]] = None):
+    """The config of `cfg_file` with the -opts KEY VALUE pairs `opts` set, or
+    exit naming what is wrong with it."""
     from config import ConfigError, get_config
     try:
-        return get_config(cfg_file)
+        return get_config(cfg_file, opts or ())
     except ConfigError as err:
         fail(str(err))
 

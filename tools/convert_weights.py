@@ -35,6 +35,7 @@ import paddle.nn as nn  # noqa: E402
 
 from config import ConfigError, get_config  # noqa: E402
 from cvt import build_cvt  # noqa: E402
+from utils import add_opts_argument  # noqa: E402
 
 HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt', '.tar')
@@ -270,13 +271,13 @@ def save_atomically(state: Mapping[str, np.ndarray], path: str) -> None:
         raise
 
 
-def convert(src: str, dst: str, cfg: str) -> int:
+def convert(src: str, dst: str, cfg: str, opts: Sequence[str] = ()) -> int:
     """Convert checkpoint `src` for the model of config file `cfg` into `dst`;
     returns the number of tensors written."""
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise ConversionError(f'{dst}: folder {folder} does not exist')
-    config = get_config(cfg)
+    config = get_config(cfg, opts)
     with paddle.LazyGuard():  # shapes only: no memory or time spent on weights
         layout = layout_of(build_cvt(config))
     state = convert_state_dict(read_checkpoint(src), layout)
@@ -290,9 +291,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     'pytorch_model.bin, or the folder holding one')
     parser.add_argument('dst', help='output .pdparams')
     parser.add_argument('-cfg', required=True, help='config yaml of the model the weights are for')
+    add_opts_argument(parser)
     args = parser.parse_args(argv)
     try:
-        count = convert(args.src, args.dst, args.cfg)
+        count = convert(args.src, args.dst, args.cfg, args.opts or ())
     except (ConversionError, ConfigError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

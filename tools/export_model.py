@@ -23,7 +23,7 @@ import runtime  # noqa: E402,F401  (before paddle)
 import paddle  # noqa: E402
 from paddle.static import InputSpec  # noqa: E402
 
-from tools._common import check_weights_file, fail, load_config, load_model  # noqa: E402
+from tools._common import add_opts_argument, check_weights_file, fail, load_config, load_model  # noqa: E402
 
 MODEL_PREFIX = 'inference'
 PREPROCESS_FILE = 'preprocess.json'
@@ -33,6 +33,7 @@ INPUT_NAME = 'image'
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Export a CvT as a Paddle Inference model.')
     parser.add_argument('-cfg', required=True, help='model config yaml')
+    add_opts_argument(parser)
     parser.add_argument('-pretrained', required=True, help='weights (.pdparams; the suffix may be left out)')
     parser.add_argument('-output', required=True, help='folder to write the inference model into')
     return parser.parse_args(argv)
@@ -72,7 +73,7 @@ def export(model: paddle.nn.Layer, config, output_dir: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_config(args.cfg)
+    config = load_config(args.cfg, args.opts)
     if config.MODEL.NUM_CLASSES < 1:
         fail(f'{args.cfg}: MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}: the model has no classifier')
     weights = check_weights_file(args.pretrained)

@@ -27,6 +27,7 @@ import paddle.nn as nn  # noqa: E402
 
 from config import ConfigError, get_config  # noqa: E402
 from cvt import ConvolutionalVisionTransformer, build_cvt  # noqa: E402
+from utils import add_opts_argument  # noqa: E402
 
 
 @dataclass
@@ -169,11 +170,12 @@ def build_for_counting(config) -> ConvolutionalVisionTransformer:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-cfg', required=True, help='model config yaml, e.g. configs/cvt-13-224x224.yaml')
+    add_opts_argument(parser)
     parser.add_argument('-image_size', type=int, default=None,
                         help='square input size (default: the config\'s DATA.IMAGE_SIZE)')
     args = parser.parse_args(argv)
     try:
-        config = get_config(args.cfg)
+        config = get_config(args.cfg, args.opts or ())
         image_size = args.image_size or config.DATA.IMAGE_SIZE
         model = build_for_counting(config)
         params = count_parameters(model)

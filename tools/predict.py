@@ -19,13 +19,14 @@ import runtime  # noqa: E402,F401  (before paddle)
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-from tools._common import (check_topk, check_weights_file, fail, list_images, load_config,  # noqa: E402
-                           load_model, print_predictions, read_labels, val_transform)
+from tools._common import (add_opts_argument, check_topk, check_weights_file, fail, list_images,  # noqa: E402
+                           load_config, load_model, print_predictions, read_labels, val_transform)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Top-k classes of images with a CvT model.')
     parser.add_argument('-cfg', required=True, help='model config yaml')
+    add_opts_argument(parser)
     parser.add_argument('-pretrained', required=True, help='weights (.pdparams; the suffix may be left out)')
     parser.add_argument('images', nargs='+', help='image files and/or folders of images')
     parser.add_argument('-labels', help='class names, one a line in class-index order')
@@ -45,7 +46,7 @@ def logits_function(model: paddle.nn.Layer):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_config(args.cfg)
+    config = load_config(args.cfg, args.opts)
     num_classes = config.MODEL.NUM_CLASSES
     if num_classes < 1:
         fail(f'{args.cfg}: MODEL.NUM_CLASSES is {num_classes}: the model has no classifier')

@@ -30,8 +30,8 @@ import paddle  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from cvt import record_attention  # noqa: E402
-from tools._common import (check_weights_file, fail, load_config, load_model, read_image,  # noqa: E402
-                           read_labels, softmax, top_k, val_transform)
+from tools._common import (add_opts_argument, check_weights_file, fail, load_config, load_model,  # noqa: E402
+                           read_image, read_labels, softmax, top_k, val_transform)
 
 TOP_K = 5
 MIN_PANEL = 224  # smaller crops are enlarged so that the labels fit
@@ -56,6 +56,7 @@ def parse_point(text: str) -> Tuple[int, int]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Draw the attention maps of a CvT over an image.')
     parser.add_argument('-cfg', required=True, help='model config yaml')
+    add_opts_argument(parser)
     parser.add_argument('-pretrained', required=True, help='weights (.pdparams; the suffix may be left out)')
     parser.add_argument('-image', required=True, help='the image')
     parser.add_argument('-output', required=True, help='the PNG to write')
@@ -222,7 +223,7 @@ def check_args(args: argparse.Namespace, config) -> Tuple[int, int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_config(args.cfg)
+    config = load_config(args.cfg, args.opts)
     stage, block = check_args(args, config)
     weights = check_weights_file(args.pretrained)
     num_classes = config.MODEL.NUM_CLASSES
