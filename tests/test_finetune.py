@@ -16,7 +16,7 @@ from PIL import Image
 import cvt
 import datasets
 import engine
-from config import get_config, update_config
+from config import get_config, update_config, validate_config
 from tiny_training import DEMO_CONFIG, ROOT, tiny_config, tiny_settings
 from transforms import ResizeRandomCrop, build_train_transforms
 from utils import UsageError
@@ -112,7 +112,7 @@ def test_resize_random_crop_is_a_random_window_of_the_resized_square():
     config = tiny_config('/unused', '/unused', {'TRAIN.CROP_MODE': 'resize_random'})
     assert 'ResizeRandomCrop(size=32' in repr(build_train_transforms(config))
     with pytest.raises(ValueError, match="TRAIN.CROP_MODE = 'centre'"):
-        build_train_transforms(tiny_config('/unused', '/unused', {'TRAIN.CROP_MODE': 'centre'}))
+        validate_config(tiny_config('/unused', '/unused', {'TRAIN.CROP_MODE': 'centre'}))
 
 
 def make_colour_classes(folder, colours, train_per_class=8, val_per_class=3, size=36):
