@@ -53,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def first_sentence(err: Exception) -> str:
+    """An error's message up to its first full stop (paddle2onnx's go on with URLs)."""
+    return str(err).split('. ')[0].splitlines()[0] if str(err) else type(err).__name__
+
+
 def import_converter():
     """paddle2onnx, or exit with the install hint (its import also refuses Paddle < 3)."""
     try:
@@ -60,7 +65,7 @@ def import_converter():
         import paddle2onnx
     except (ImportError, ValueError) as err:
         fail(f'ONNX export needs paddle2onnx 2.x (Paddle >= 3.0), onnx and onnxruntime '
-             f'({type(err).__name__}: {str(err).splitlines()[0]}); {INSTALL_HINT}')
+             f'({type(err).__name__}: {first_sentence(err)}); {INSTALL_HINT}')
     return paddle2onnx
 
 
@@ -141,9 +146,9 @@ def main(argv=None) -> int:
         fail(f'{args.output}: is a folder; name the .onnx file to write')
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         fail(f'{args.output}: its folder does not exist')
+    model = load_model(config, weights)
     import_converter()
     import_onnxruntime()
-    model = load_model(config, weights)
 
     images = check_images(config.DATA.IMAGE_SIZE)
     expected = paddle_logits(model, images)  # the model as the project runs it, fast paths included
