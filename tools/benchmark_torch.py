@@ -15,7 +15,7 @@ PyTorch keeps its own default threading (one intra-op thread per core) and
 ``onnx`` is the model exported by ``torch.onnx.export`` (opset 17, dynamic
 batch; in the set-up, not timed) and run by ONNX Runtime on the CPU with the
 settings of ``tools/infer.py -backend onnxruntime``: one intra-op thread per
-usable core, all graph optimisations; the counterpart of
+usable core, all graph optimisations, no spinning; the counterpart of
 ``tools/benchmark.py -mode deploy``.
 """
 
@@ -60,6 +60,7 @@ def onnx_step(model: CvtForImageClassification, images: torch.Tensor) -> Callabl
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = len(os.sched_getaffinity(0))
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
     feed = {'pixel_values': images.numpy()}
     print(f'onnxruntime {onnxruntime.__version__}, {options.intra_op_num_threads} threads')
