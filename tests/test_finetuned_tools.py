@@ -101,9 +101,9 @@ def test_infer_reads_classes_and_size_from_an_onnx_graph_without_metadata(finetu
     onnx.save(graph, exported)
     capsys.readouterr()
 
-    assert infer.main(['-model', exported, images[0], '-topk', '3', '-batch_size', '1']) == 0
+    assert infer.main(['-model', exported, *images, '-topk', '3']) == 0  # batches of 3 run one by one
     out, err = capsys.readouterr()
-    check_printed(parse_top_k(out), expected_top_k(model, config, images[:1], 3))  # the default preprocessing
+    check_printed(parse_top_k(out), expected_top_k(model, config, images, 3))  # the default preprocessing
     assert f'{SIZE}px input and {CLASSES} classes from the graph' in err
 
 

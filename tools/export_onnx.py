@@ -40,6 +40,7 @@ BATCH_AXIS = 'batch'
 MAX_LOGIT_DIFFERENCE = 1e-3
 # LayerNormalization is one operator from opset 17 on (ONNX Runtime: faster than its parts)
 DEFAULT_OPSET = 17
+MIN_OPSET, MAX_OPSET = 7, 21  # what paddle2onnx 2.1 converts to
 INSTALL_HINT = 'pip install -r requirements-deploy.txt'
 
 
@@ -144,6 +145,8 @@ def main(argv=None) -> int:
     if config.MODEL.NUM_CLASSES < 1:
         fail(f'{args.cfg}: MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}: the model has no classifier')
     weights = check_weights_file(args.pretrained)
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        fail(f'-opset {args.opset}: paddle2onnx 2.1 writes opsets {MIN_OPSET} to {MAX_OPSET}')
     if os.path.isdir(args.output):
         fail(f'{args.output}: is a folder; name the .onnx file to write')
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):

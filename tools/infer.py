@@ -178,12 +178,18 @@ def onnx_preprocess(session, path: str) -> dict:
             'std': list(data.IMAGENET_STD), 'input_name': image.name}
 
 
-def onnx_logits_function(session) -> LogitsFunction:
-    """numpy images (B, 3, H, W) -> numpy logits (B, classes) with the ONNX Runtime session."""
-    name = session.get_inputs()[0].name
+def onnx_logits_function(session, path: str) -> LogitsFunction:
+    """numpy images (B, 3, H, W) -> numpy logits (B, classes) with the ONNX Runtime
+    session; a graph exported for batch 1 (as some exporters write) gets one image a run."""
+    image = session.get_inputs()[0]
+    fixed_batch = image.shape[0] if isinstance(image.shape[0], int) else None
+    if fixed_batch not in (None, 1):
+        fail(f'{path}: its input batch is fixed at {fixed_batch}; export with a dynamic batch (tools/export_onnx.py)')
 
     def logits_of(images: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: np.ascontiguousarray(images, dtype='float32')})[0]
+        images = np.ascontiguousarray(images, dtype='float32')
+        runs = [images] if fixed_batch is None else np.split(images, len(images))
+        return np.concatenate([session.run(None, {image.name: run})[0] for run in runs])
     return logits_of
 
 
@@ -196,7 +202,7 @@ def create_runner(model_path: str, backend: str, device: str = 'cpu', onednn: bo
             session = onnx_session(model_path, threads or default_threads())
         except Exception as err:  # onnxruntime's own errors (not an ONNX file, unsupported operator)
             fail(f'{model_path}: ONNX Runtime cannot load it ({type(err).__name__}: {str(err).splitlines()[0]})')
-        return onnx_preprocess(session, model_path), onnx_logits_function(session)
+        return onnx_preprocess(session, model_path), onnx_logits_function(session, model_path)
     preprocess = read_preprocess(model_path)
     predictor = create_predictor(model_path, preprocess, device, onednn, tensorrt, max_batch, threads)
     return preprocess, logits_function(predictor)
