@@ -7,8 +7,9 @@
 
 Prints the same top-k as tools/predict.py. The backend follows the model: a
 folder of tools/export_model.py runs on Paddle Inference, a .onnx file of
-tools/export_onnx.py on ONNX Runtime (CPU); on CPU, ONNX Runtime is the faster
-(docs/deploy.md has the figures; tools/benchmark.py -mode deploy times it).
+tools/export_onnx.py on ONNX Runtime (CPU). The ONNX path is the recommended one
+on CPU, chosen by measurement (docs/deploy.md; tools/benchmark.py -mode deploy
+times it).
 The class count, input size and preprocessing come from the export (the
 folder's preprocess.json, the .onnx file's metadata), not from a config file.
 Paddle Inference on CPU runs with oneDNN unless -disable_onednn; -device
@@ -34,7 +35,8 @@ from tools._common import check_topk, fail, list_images, print_predictions, read
 from tools.export_model import MODEL_PREFIX, PREPROCESS_FILE, program_file  # noqa: E402
 
 BACKENDS = ('paddle', 'onnxruntime')
-# what tools/benchmark.py -mode deploy times: the faster CPU backend (docs/deploy.md)
+# the recommended CPU backend, chosen by measurement (docs/deploy.md); what
+# tools/benchmark.py -mode deploy times
 DEFAULT_BACKEND = 'onnxruntime'
 GPU_MEMORY_MB = 256  # initial pool; Paddle grows it as needed
 
