@@ -70,7 +70,8 @@ def load_model(config, weights: str):
     except Exception as err:  # paddle.load on a file that is not a weights file
         fail(f'{weights}: cannot read weights ({type(err).__name__}: {err})')
     if skipped:
-        fail(f'{weights}: its classifier head does not fit MODEL.NUM_CLASSES = {config.MODEL.NUM_CLASSES}')
+        fail(f'{weights}: its classifier head does not fit MODEL.NUM_CLASSES = {config.MODEL.NUM_CLASSES} '
+             '(a fine-tuned model: give its config, or -num_classes)')
     model.eval()
     return model
 
