@@ -1,4 +1,4 @@
-"""What the tools share: exiting on bad input, config + model + weights, the val
+"""What the tools share: exiting on bad input, config (+ overrides) + model + weights, the val
 transform, image listing and batching, top-k printing.
 
 The tools import this after ``runtime`` (which must come before Paddle).
@@ -26,6 +26,29 @@ def load_config(cfg_file: str, opts: Optional[Sequence[str]] = None):
         fail(str(err))
 
 
+def add_model_overrides(parser) -> None:
+    """-num_classes and -image_size: a model fine-tuned to other classes or another
+    input size, run with the config it was fine-tuned from."""
+    parser.add_argument('-num_classes', type=int, default=None,
+                        help='classes of the model (default MODEL.NUM_CLASSES of the config)')
+    parser.add_argument('-image_size', type=int, default=None,
+                        help='input image size (default DATA.IMAGE_SIZE of the config)')
+
+
+def model_config(args):
+    """The config of `args.cfg` with the overrides of `add_model_overrides`, or exit
+    naming what is wrong."""
+    import argparse
+    from config import ConfigError, update_config
+    config = load_config(args.cfg, getattr(args, 'opts', None))
+    overrides = argparse.Namespace(num_classes=getattr(args, 'num_classes', None),
+                                   image_size=getattr(args, 'image_size', None))
+    try:
+        return update_config(config, overrides)
+    except ConfigError as err:
+        fail(f'{args.cfg}: {err}')
+
+
 def check_weights_file(path: str) -> str:
     """The weights file `path` names (with or without `.pdparams`), or exit."""
     from cvt import resolve_weights_path
@@ -48,7 +71,8 @@ def load_model(config, weights: str):
     except Exception as err:  # paddle.load on a file that is not a weights file
         fail(f'{weights}: cannot read weights ({type(err).__name__}: {err})')
     if skipped:
-        fail(f'{weights}: its classifier head does not fit MODEL.NUM_CLASSES = {config.MODEL.NUM_CLASSES}')
+        fail(f'{weights}: its classifier head does not fit MODEL.NUM_CLASSES = {config.MODEL.NUM_CLASSES} '
+             '(a fine-tuned model: give its config, or -num_classes)')
     model.eval()
     return model
 

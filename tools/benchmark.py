@@ -3,21 +3,29 @@
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode infer
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode train
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 64 -mode train -amp  # GPU
+    python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode deploy
 
 It builds the model from the config, warms up, then times the real code paths:
 ``infer`` is the eval-mode forward under ``paddle.no_grad``; ``train`` is
 ``engine.train_step``, the training scripts' own step (forward, the recipe's
 loss on Mixup-style soft targets, backward, AdamW update) with the engine's
-optimizer, LR schedule and loss scaler.
+optimizer, LR schedule and loss scaler; ``deploy`` is what tools/infer.py runs
+by default on CPU: the model exported (in the set-up, not timed) for
+``-backend`` (default infer.DEFAULT_BACKEND; see docs/deploy.md) and run with
+infer.py's runtime settings, numpy images in, logits out.
 It runs under the same runtime set-up as the training and evaluation scripts
 (``import runtime`` before Paddle). The last line is ``throughput: X img/s``;
 ``tools/benchmark_torch.py`` prints the same for transformers' CvT.
 """
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import time
+from typing import Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,7 +36,7 @@ import paddle.nn.functional as F  # noqa: E402
 import engine  # noqa: E402
 import losses  # noqa: E402
 from config import get_config, update_config  # noqa: E402
-from cvt import build_cvt  # noqa: E402
+from cvt import build_cvt, set_fast_paths  # noqa: E402
 
 
 def peak_memory_mb() -> float:
@@ -45,16 +53,39 @@ def sync() -> None:
         paddle.device.cuda.synchronize()
 
 
+def deploy_step(model: paddle.nn.Layer, config, images, backend: Optional[str]) -> Callable[[], None]:
+    """One tools/infer.py batch on `images` (numpy) with `model` exported for
+    `backend` (default: infer.py's recommended one) into a temporary folder."""
+    from tools import export_model, export_onnx, infer
+    backend = backend or infer.DEFAULT_BACKEND
+    folder = tempfile.mkdtemp(prefix='cvt-deploy-')
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    if backend == 'onnxruntime':
+        path = os.path.join(folder, 'model.onnx')
+        set_fast_paths(model, False)  # as tools/export_onnx.py exports it
+        export_onnx.convert(model, config, path, export_onnx.DEFAULT_OPSET)
+    else:
+        path = folder
+        export_model.export(model, config, path)
+    _, logits_of = infer.create_runner(path, backend, device='cpu')
+    print(f'deploy: {backend}, {infer.default_threads()} threads')
+    return lambda: logits_of(images)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('-cfg', type=str, required=True)
     parser.add_argument('-batch_size', type=int, default=16)
     parser.add_argument('-image_size', type=int, default=None)
-    parser.add_argument('-mode', choices=('infer', 'train'), default='infer')
+    parser.add_argument('-mode', choices=('infer', 'train', 'deploy'), default='infer')
+    parser.add_argument('-backend', choices=('paddle', 'onnxruntime'), default=None,
+                        help='-mode deploy: the runtime (default: the one tools/infer.py recommends)')
     parser.add_argument('-amp', action='store_true', help='float16 autocast (GPU)')
     parser.add_argument('-warmup', type=int, default=3)
     parser.add_argument('-iters', type=int, default=10)
     args = parser.parse_args()
+    if args.mode == 'deploy' and args.amp:
+        parser.error('-amp is for -mode infer and train: -mode deploy runs the exported float32 model on CPU')
     config = update_config(get_config(), argparse.Namespace(cfg=args.cfg, image_size=args.image_size))
 
     paddle.seed(config.SEED)
@@ -63,7 +94,10 @@ def main() -> None:
     images = paddle.randn([args.batch_size, 3, size, size])
     labels = paddle.randint(0, max(config.MODEL.NUM_CLASSES, 1), [args.batch_size])
 
-    if args.mode == 'infer':
+    if args.mode == 'deploy':
+        model.eval()
+        step = deploy_step(model, config, images.numpy(), args.backend)
+    elif args.mode == 'infer':
         model.eval()
 
         @paddle.no_grad()

@@ -8,14 +8,24 @@ so the two can be run back to back:
 
     python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode infer
     python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode train
+    python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode onnx
 
 PyTorch keeps its own default threading (one intra-op thread per core) and
 ``import runtime`` is not used, so this measures PyTorch as users get it.
+``onnx`` is the model exported by ``torch.onnx.export`` (opset 17, dynamic
+batch; in the set-up, not timed) and run by ONNX Runtime on the CPU with the
+settings of ``tools/infer.py -backend onnxruntime``: one intra-op thread per
+usable core, all graph optimisations, no spinning; the counterpart of
+``tools/benchmark.py -mode deploy``.
 """
 
 import argparse
+import atexit
+import os
+import shutil
+import tempfile
 import time
-from typing import List
+from typing import Callable, List
 
 import torch
 from transformers import CvtConfig, CvtForImageClassification
@@ -26,6 +36,35 @@ def build_model(depth: List[int], num_classes: int) -> CvtForImageClassification
     config = CvtConfig(embed_dim=[64, 192, 384], num_heads=[1, 3, 6], depth=list(depth),
                        num_labels=num_classes)
     return CvtForImageClassification(config)
+
+
+def onnx_step(model: CvtForImageClassification, images: torch.Tensor) -> Callable[[], None]:
+    """One ONNX Runtime run of `model` exported to ONNX, on `images`."""
+    import onnxruntime
+
+    class Logits(torch.nn.Module):  # the logits tensor alone, not the model's output dataclass
+        def __init__(self, classifier):
+            super().__init__()
+            self.classifier = classifier
+
+        def forward(self, pixel_values):
+            return self.classifier(pixel_values=pixel_values).logits
+
+    folder = tempfile.mkdtemp(prefix='cvt-torch-onnx-')
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = os.path.join(folder, 'model.onnx')
+    batch = {0: 'batch'}
+    # the TorchScript-based exporter: the dynamo one needs onnxscript, which nothing else here does
+    torch.onnx.export(Logits(model), (images[:1],), path, input_names=['pixel_values'], output_names=['logits'],
+                      dynamic_axes={'pixel_values': batch, 'logits': batch}, opset_version=17, dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = len(os.sched_getaffinity(0))
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    feed = {'pixel_values': images.numpy()}
+    print(f'onnxruntime {onnxruntime.__version__}, {options.intra_op_num_threads} threads')
+    return lambda: session.run(None, feed)
 
 
 def peak_memory_mb() -> float:
@@ -39,7 +78,7 @@ def main() -> None:
     parser.add_argument('-depth', type=int, nargs=3, default=[1, 2, 10], help='1 2 10: CvT-13; 1 4 16: CvT-21')
     parser.add_argument('-batch_size', type=int, default=16)
     parser.add_argument('-image_size', type=int, default=224)
-    parser.add_argument('-mode', choices=('infer', 'train'), default='infer')
+    parser.add_argument('-mode', choices=('infer', 'train', 'onnx'), default='infer')
     parser.add_argument('-warmup', type=int, default=3)
     parser.add_argument('-iters', type=int, default=10)
     parser.add_argument('-num_classes', type=int, default=1000)
@@ -50,7 +89,10 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     labels = torch.randint(0, args.num_classes, (args.batch_size,))
 
-    if args.mode == 'infer':
+    if args.mode == 'onnx':
+        model.eval()
+        step = onnx_step(model, images)
+    elif args.mode == 'infer':
         model.eval()
 
         def step() -> None:

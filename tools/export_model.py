@@ -1,7 +1,7 @@
 """Export a CvT as a static inference model for Paddle Inference (tools/infer.py).
 
     python tools/export_model.py -cfg configs/cvt-13-224x224.yaml -pretrained cvt-13-224x224 \\
-        -output exported/cvt-13-224x224
+        -output exported/cvt-13-224x224 [-num_classes N] [-image_size S]
 
 Writes into the -output folder, with ``paddle.jit.save``:
     inference.json (Paddle 3.x, PIR) or inference.pdmodel (Paddle 2.6)   the program
@@ -23,7 +23,8 @@ import runtime  # noqa: E402,F401  (before paddle)
 import paddle  # noqa: E402
 from paddle.static import InputSpec  # noqa: E402
 
-from tools._common import add_opts_argument, check_weights_file, fail, load_config, load_model  # noqa: E402
+from tools._common import (add_model_overrides, add_opts_argument, check_weights_file, fail,  # noqa: E402
+                           load_model, model_config)
 
 MODEL_PREFIX = 'inference'
 PREPROCESS_FILE = 'preprocess.json'
@@ -36,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_opts_argument(parser)
     parser.add_argument('-pretrained', required=True, help='weights (.pdparams; the suffix may be left out)')
     parser.add_argument('-output', required=True, help='folder to write the inference model into')
+    add_model_overrides(parser)
     return parser.parse_args(argv)
 
 
@@ -48,17 +50,13 @@ def program_file(model_dir: str) -> str:
     raise FileNotFoundError(f'{model_dir}: no {MODEL_PREFIX}.json or {MODEL_PREFIX}.pdmodel in it')
 
 
-def export(model: paddle.nn.Layer, config, output_dir: str) -> str:
-    """Save `model` (eval mode) traced for (any batch, 3, IMAGE_SIZE, IMAGE_SIZE)
-    images, and the preprocessing of `config`, into `output_dir`; returns the program file."""
-    size = config.DATA.IMAGE_SIZE
-    os.makedirs(output_dir, exist_ok=True)
-    spec = InputSpec([None, 3, size, size], 'float32', name=INPUT_NAME)
-    paddle.jit.save(model, os.path.join(output_dir, MODEL_PREFIX), input_spec=[spec])
-    preprocess = {
+def preprocess_of(config) -> dict:
+    """What tools/infer.py needs besides the program: the model's classes and
+    input size, and the config's val preprocessing."""
+    return {
         'model_name': config.MODEL.NAME,
         'num_classes': config.MODEL.NUM_CLASSES,
-        'image_size': size,
+        'image_size': config.DATA.IMAGE_SIZE,
         'crop_pct': config.DATA.CROP_PCT,
         'interpolation': config.DATA.INTERPOLATION,
         'mean': list(config.DATA.IMAGENET_MEAN),
@@ -66,14 +64,23 @@ def export(model: paddle.nn.Layer, config, output_dir: str) -> str:
         'input_name': INPUT_NAME,
         'paddle_version': paddle.__version__,
     }
+
+
+def export(model: paddle.nn.Layer, config, output_dir: str) -> str:
+    """Save `model` (eval mode) traced for (any batch, 3, IMAGE_SIZE, IMAGE_SIZE)
+    images, and the preprocessing of `config`, into `output_dir`; returns the program file."""
+    size = config.DATA.IMAGE_SIZE
+    os.makedirs(output_dir, exist_ok=True)
+    spec = InputSpec([None, 3, size, size], 'float32', name=INPUT_NAME)
+    paddle.jit.save(model, os.path.join(output_dir, MODEL_PREFIX), input_spec=[spec])
     with open(os.path.join(output_dir, PREPROCESS_FILE), 'w') as out:
-        json.dump(preprocess, out, indent=2)
+        json.dump(preprocess_of(config), out, indent=2)
     return program_file(output_dir)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_config(args.cfg, args.opts)
+    config = model_config(args)
     if config.MODEL.NUM_CLASSES < 1:
         fail(f'{args.cfg}: MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}: the model has no classifier')
     weights = check_weights_file(args.pretrained)

@@ -1,24 +1,32 @@
-"""Classify images with an exported CvT (tools/export_model.py) on Paddle Inference.
+"""Classify images with an exported CvT: Paddle Inference or ONNX Runtime.
 
-    python tools/infer.py -model_dir exported/cvt-13-224x224 cat.jpg photos/ \\
-        [-labels imagenet_classes.txt] [-topk 5] [-batch_size 8] \\
-        [-device cpu|gpu] [-disable_onednn] [-tensorrt]
+    python tools/infer.py -model exported/cvt-13-224x224 cat.jpg photos/       # tools/export_model.py
+    python tools/infer.py -model cvt-13-224x224.onnx cat.jpg photos/           # tools/export_onnx.py
+        [-backend paddle|onnxruntime] [-labels imagenet_classes.txt] [-topk 5] [-batch_size 8]
+        [-threads N] [-device cpu|gpu] [-disable_onednn] [-tensorrt]
 
-Prints the same top-k as tools/predict.py. The preprocessing comes from the
-model folder's preprocess.json, not from a config file. CPU runs with oneDNN
-unless -disable_onednn; -device defaults to gpu where Paddle has CUDA and sees
-a GPU; -tensorrt (GPU only) runs the graph with TensorRT, FP32, for batches up
-to -batch_size.
+Prints the same top-k as tools/predict.py. The backend follows the model: a
+folder of tools/export_model.py runs on Paddle Inference, a .onnx file of
+tools/export_onnx.py on ONNX Runtime (CPU). The ONNX path is the recommended one
+on CPU, chosen by measurement (docs/deploy.md; tools/benchmark.py -mode deploy
+times it).
+The class count, input size and preprocessing come from the export (the
+folder's preprocess.json, the .onnx file's metadata), not from a config file.
+Paddle Inference on CPU runs with oneDNN unless -disable_onednn; -device
+defaults to gpu where Paddle has CUDA and sees a GPU; -tensorrt (GPU only) runs
+the graph with TensorRT, FP32, for batches up to -batch_size. -threads defaults
+to one per usable core (MKL_NUM_THREADS where set).
 """
 
 import argparse
 import json
 import os
 import sys
+from typing import Callable, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import runtime  # noqa: E402,F401  (before paddle)
+import runtime  # noqa: E402  (before paddle)
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 from paddle import inference  # noqa: E402
@@ -26,21 +34,43 @@ from paddle import inference  # noqa: E402
 from tools._common import check_topk, fail, list_images, print_predictions, read_labels, val_transform  # noqa: E402
 from tools.export_model import MODEL_PREFIX, PREPROCESS_FILE, program_file  # noqa: E402
 
+BACKENDS = ('paddle', 'onnxruntime')
+# the recommended CPU backend, chosen by measurement (docs/deploy.md); what
+# tools/benchmark.py -mode deploy times
+DEFAULT_BACKEND = 'onnxruntime'
 GPU_MEMORY_MB = 256  # initial pool; Paddle grows it as needed
+
+LogitsFunction = Callable[[np.ndarray], np.ndarray]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Top-k classes of images with an exported CvT.')
-    parser.add_argument('-model_dir', required=True, help='folder written by tools/export_model.py')
+    parser.add_argument('-model', '-model_dir', dest='model', required=True,
+                        help='folder written by tools/export_model.py, or .onnx file by tools/export_onnx.py')
     parser.add_argument('images', nargs='+', help='image files and/or folders of images')
+    parser.add_argument('-backend', choices=BACKENDS, default=None,
+                        help='default: paddle for an export folder, onnxruntime for a .onnx file')
     parser.add_argument('-labels', help='class names, one a line in class-index order')
     parser.add_argument('-topk', type=int, default=5, help='classes to print per image (default 5)')
     parser.add_argument('-batch_size', type=int, default=8, help='images per run (default 8)')
+    parser.add_argument('-threads', type=int, default=None,
+                        help='CPU threads (default MKL_NUM_THREADS, which is one per usable core unless set)')
     parser.add_argument('-device', choices=('cpu', 'gpu'), default=None,
-                        help='default: gpu if Paddle has CUDA and a GPU is visible, else cpu')
+                        help='paddle backend: default gpu if Paddle has CUDA and a GPU is visible, else cpu')
     parser.add_argument('-disable_onednn', action='store_true', help='plain CPU kernels instead of oneDNN')
     parser.add_argument('-tensorrt', action='store_true', help='run with TensorRT (GPU only)')
     return parser.parse_args(argv)
+
+
+def default_threads() -> int:
+    """One per usable core, or MKL_NUM_THREADS where the user set it (runtime sets it
+    to the usable cores otherwise)."""
+    return int(os.environ.get('MKL_NUM_THREADS') or runtime.usable_cores())
+
+
+def backend_of(model_path: str) -> str:
+    """The backend an export is for: onnxruntime for a .onnx file, paddle for an export folder."""
+    return 'onnxruntime' if os.path.isfile(model_path) and model_path.endswith('.onnx') else 'paddle'
 
 
 def gpu_available() -> bool:
@@ -84,8 +114,10 @@ def tensorrt_program(model_dir: str, preprocess: dict, max_batch: int) -> str:
 
 
 def create_predictor(model_dir: str, preprocess: dict, device: str = 'cpu', onednn: bool = True,
-                     tensorrt: bool = False, max_batch: int = 8) -> inference.Predictor:
-    """A Paddle Inference predictor for the exported model in `model_dir`."""
+                     tensorrt: bool = False, max_batch: int = 8, threads: int = 0) -> inference.Predictor:
+    """A Paddle Inference predictor for the exported model in `model_dir` (threads 0:
+    `default_threads()`)."""
+    threads = threads or default_threads()
     program = program_file(model_dir)
     params = os.path.join(model_dir, MODEL_PREFIX + '.pdiparams')
     if tensorrt and program.endswith('.json'):
@@ -104,7 +136,7 @@ def create_predictor(model_dir: str, preprocess: dict, device: str = 'cpu', oned
                                               {name: [max_batch, 3, size, size]})
     else:
         config.disable_gpu()
-        config.set_cpu_math_library_num_threads(int(os.environ.get('MKL_NUM_THREADS', '1')))
+        config.set_cpu_math_library_num_threads(threads)
         if onednn:
             config.enable_mkldnn()
         else:
@@ -113,7 +145,7 @@ def create_predictor(model_dir: str, preprocess: dict, device: str = 'cpu', oned
     return inference.create_predictor(config)
 
 
-def logits_function(predictor: inference.Predictor):
+def logits_function(predictor: inference.Predictor) -> LogitsFunction:
     """numpy images (B, 3, H, W) -> numpy logits (B, classes) with the predictor."""
     image_input = predictor.get_input_handle(predictor.get_input_names()[0])
     logits_output = predictor.get_output_handle(predictor.get_output_names()[0])
@@ -126,30 +158,96 @@ def logits_function(predictor: inference.Predictor):
     return logits_of
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if not os.path.isdir(args.model_dir):
-        fail(f'{args.model_dir}: no such folder')
+def onnx_preprocess(session, path: str) -> dict:
+    """The preprocessing tools/export_onnx.py stored in the model's metadata; for
+    another ONNX classifier, its input size and class count from the graph with
+    the default (ImageNet) val preprocessing of config.py."""
+    from tools.export_onnx import METADATA_KEY
+    stored = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if stored is not None:
+        return json.loads(stored)
+    from config import get_config
+    data = get_config().DATA
+    image, logits = session.get_inputs()[0], session.get_outputs()[0]
+    size, classes = image.shape[-1], logits.shape[-1]
+    if len(image.shape) != 4 or not isinstance(size, int) or image.shape[-2] != size or not isinstance(classes, int):
+        fail(f'{path}: no {METADATA_KEY} metadata, and its input {image.shape} / output {logits.shape} are not '
+             'a fixed-size square image / a fixed class count; export with tools/export_onnx.py')
+    print(f'{path}: no {METADATA_KEY} metadata: {size}px input and {classes} classes from the graph, '
+          'config.py\'s default val preprocessing', file=sys.stderr)
+    return {'num_classes': classes, 'image_size': size, 'crop_pct': data.CROP_PCT,
+            'interpolation': data.INTERPOLATION, 'mean': list(data.IMAGENET_MEAN),
+            'std': list(data.IMAGENET_STD), 'input_name': image.name}
+
+
+def onnx_logits_function(session, path: str) -> LogitsFunction:
+    """numpy images (B, 3, H, W) -> numpy logits (B, classes) with the ONNX Runtime
+    session; a graph exported for batch 1 (as some exporters write) gets one image a run."""
+    image = session.get_inputs()[0]
+    fixed_batch = image.shape[0] if isinstance(image.shape[0], int) else None
+    if fixed_batch not in (None, 1):
+        fail(f'{path}: its input batch is fixed at {fixed_batch}; export with a dynamic batch (tools/export_onnx.py)')
+
+    def logits_of(images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype='float32')
+        runs = [images] if fixed_batch is None else np.split(images, len(images))
+        return np.concatenate([session.run(None, {image.name: run})[0] for run in runs])
+    return logits_of
+
+
+def create_runner(model_path: str, backend: str, device: str = 'cpu', onednn: bool = True,
+                  tensorrt: bool = False, max_batch: int = 8, threads: int = 0) -> Tuple[dict, LogitsFunction]:
+    """The exported model's preprocessing and its logits function on `backend`."""
+    if backend == 'onnxruntime':
+        from tools.export_onnx import onnx_session
+        try:
+            session = onnx_session(model_path, threads or default_threads())
+        except Exception as err:  # onnxruntime's own errors (not an ONNX file, unsupported operator)
+            fail(f'{model_path}: ONNX Runtime cannot load it ({type(err).__name__}: {str(err).splitlines()[0]})')
+        return onnx_preprocess(session, model_path), onnx_logits_function(session, model_path)
+    preprocess = read_preprocess(model_path)
+    predictor = create_predictor(model_path, preprocess, device, onednn, tensorrt, max_batch, threads)
+    return preprocess, logits_function(predictor)
+
+
+def check_model(args: argparse.Namespace) -> str:
+    """The backend for `args.model` (exits if the model does not fit it)."""
+    backend = args.backend or backend_of(args.model)
+    if backend == 'onnxruntime':
+        if not os.path.isfile(args.model):
+            fail(f'{args.model}: no such file (-backend onnxruntime runs a .onnx file of tools/export_onnx.py)')
+        if args.device == 'gpu' or args.tensorrt or args.disable_onednn:
+            fail('-device gpu, -tensorrt and -disable_onednn are for -backend paddle; onnxruntime runs on CPU')
+        return backend
+    if not os.path.isdir(args.model):
+        fail(f'{args.model}: no such folder (-backend paddle runs a folder of tools/export_model.py)')
     try:
-        program_file(args.model_dir)
+        program_file(args.model)
     except FileNotFoundError as err:
         fail(str(err))
-    preprocess = read_preprocess(args.model_dir)
-    device = args.device or ('gpu' if gpu_available() else 'cpu')
+    return backend
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    backend = check_model(args)
+    device = 'cpu' if backend == 'onnxruntime' else args.device or ('gpu' if gpu_available() else 'cpu')
     if device == 'gpu' and not gpu_available():
         fail('-device gpu: this Paddle has no CUDA or sees no GPU')
     if args.tensorrt and device != 'gpu':
         fail('-tensorrt needs -device gpu')
     if args.batch_size < 1:
         fail(f'-batch_size {args.batch_size} must be positive')
+    if args.threads is not None and args.threads < 1:
+        fail(f'-threads {args.threads} must be positive')
+    images = list_images(args.images)
+    preprocess, logits_of = create_runner(args.model, backend, device, not args.disable_onednn,
+                                          args.tensorrt, args.batch_size, args.threads or 0)
     num_classes = preprocess['num_classes']
     check_topk(args.topk, num_classes)
     labels = read_labels(args.labels, num_classes)
-    images = list_images(args.images)
-    predictor = create_predictor(args.model_dir, preprocess, device, not args.disable_onednn,
-                                 args.tensorrt, args.batch_size)
     transform = val_transform(preprocess_config(preprocess))
-    done = print_predictions(images, transform, args.batch_size, logits_function(predictor), args.topk, labels)
+    done = print_predictions(images, transform, args.batch_size, logits_of, args.topk, labels)
     return 0 if done else 1
 
 

@@ -19,8 +19,9 @@ import runtime  # noqa: E402,F401  (before paddle)
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-from tools._common import (add_opts_argument, check_topk, check_weights_file, fail, list_images,  # noqa: E402
-                           load_config, load_model, print_predictions, read_labels, val_transform)
+from tools._common import (add_model_overrides, add_opts_argument, check_topk, check_weights_file,  # noqa: E402
+                           fail, list_images, load_model, model_config, print_predictions,
+                           read_labels, val_transform)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('-topk', type=int, default=5, help='classes to print per image (default 5)')
     parser.add_argument('-batch_size', type=int, default=None,
                         help='images per forward (default DATA.BATCH_SIZE_EVAL of the config)')
+    add_model_overrides(parser)
     return parser.parse_args(argv)
 
 
@@ -46,7 +48,7 @@ def logits_function(model: paddle.nn.Layer):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_config(args.cfg, args.opts)
+    config = model_config(args)
     num_classes = config.MODEL.NUM_CLASSES
     if num_classes < 1:
         fail(f'{args.cfg}: MODEL.NUM_CLASSES is {num_classes}: the model has no classifier')

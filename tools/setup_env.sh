@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create a virtual environment and install the pinned requirements into it.
 #   bash tools/setup_env.sh          runtime requirements, into ./.venv
-#   bash tools/setup_env.sh --test   and the test requirements
+#   bash tools/setup_env.sh --test   and the test requirements, with the optional
+#                                    deployment ones (ONNX export and ONNX Runtime) they test
 # Paddle: paddlepaddle (CPU) without a CUDA GPU, paddlepaddle-gpu where
 # `nvidia-smi` sees one. Overrides from the environment:
 #   PYTHON  the interpreter (default python3)
@@ -25,7 +26,7 @@ else
   paddle=(paddlepaddle==3.3.1 numpy==2.4.6)
 fi
 files=(requirements.txt)
-[ "$with_tests" = 1 ] && files+=(requirements-test.txt)
+[ "$with_tests" = 1 ] && files+=(requirements-test.txt requirements-deploy.txt)
 
 [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
 stamp="$venv/.installed-$(cat "${files[@]}" <(printf '%s\n' "${paddle[@]}") | sha1sum | cut -c1-12)"

@@ -30,8 +30,9 @@ import paddle  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from cvt import record_attention  # noqa: E402
-from tools._common import (add_opts_argument, check_weights_file, fail, load_config, load_model,  # noqa: E402
-                           read_image, read_labels, softmax, top_k, val_transform)
+from tools._common import (add_model_overrides, add_opts_argument, check_weights_file, fail,  # noqa: E402
+                           load_model, model_config, read_image, read_labels, softmax, top_k,
+                           val_transform)
 
 TOP_K = 5
 MIN_PANEL = 224  # smaller crops are enlarged so that the labels fit
@@ -66,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='query at image point X,Y, in pixels of the cropped image (default its centre; '
                              'on a stage with a cls token the default query is the cls token)')
     parser.add_argument('-labels', help='class names, one a line in class-index order, for the top-5')
+    add_model_overrides(parser)
     return parser.parse_args(argv)
 
 
@@ -223,7 +225,7 @@ def check_args(args: argparse.Namespace, config) -> Tuple[int, int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = load_config(args.cfg, args.opts)
+    config = model_config(args)
     stage, block = check_args(args, config)
     weights = check_weights_file(args.pretrained)
     num_classes = config.MODEL.NUM_CLASSES

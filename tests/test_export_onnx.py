@@ -1,0 +1,126 @@
+"""tools/export_onnx.py + tools/infer.py -backend onnxruntime: the ONNX model computes
+the Paddle model's logits at any batch size, and infer prints what predict prints."""
+
+import os
+import sys
+
+import numpy as np
+import paddle
+import pytest
+
+from test_predict import parse_top_k, write_images, write_tiny_model
+from tools import export_onnx, infer, predict
+from tools.export_onnx import first_sentence
+
+
+def converter_missing() -> str:
+    """Why the conversion cannot run here, or '' (paddle2onnx 2.x refuses Paddle < 3 at import)."""
+    try:
+        import onnxruntime  # noqa: F401
+        import paddle2onnx  # noqa: F401
+    except (ImportError, ValueError) as err:
+        return f'paddle2onnx 2.x (Paddle >= 3) and onnxruntime needed: {first_sentence(err)}'
+    return ''
+
+
+needs_converter = pytest.mark.skipif(bool(converter_missing()), reason=converter_missing() or 'installed')
+
+
+@pytest.fixture(scope='module')
+def onnx_model(tmp_path_factory):
+    """A tiny CvT with seeded weights, exported with the tool: (onnx file, model, cfg, weights)."""
+    folder = tmp_path_factory.mktemp('onnx')
+    cfg, weights, model = write_tiny_model(str(folder))
+    output = str(folder / 'tiny.onnx')
+    assert export_onnx.main(['-cfg', cfg, '-pretrained', weights, '-output', output]) == 0
+    return output, model, cfg, weights
+
+
+@needs_converter
+@pytest.mark.parametrize('batch', [1, 8])
+def test_onnx_logits_equal_the_paddle_model(onnx_model, batch):
+    path, model, _, _ = onnx_model
+    preprocess, logits_of = infer.create_runner(path, 'onnxruntime')
+    images = np.random.default_rng(batch).standard_normal((batch, 3, 64, 64)).astype('float32')
+
+    logits = logits_of(images)
+    with paddle.no_grad():
+        expected = model(paddle.to_tensor(images)).numpy()  # fast paths on: the model as trained
+    assert logits.shape == (batch, 10)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+    assert (preprocess['num_classes'], preprocess['image_size']) == (10, 64)
+
+
+@needs_converter
+def test_onnx_model_has_a_named_dynamic_batch_axis(onnx_model):
+    path = onnx_model[0]
+    session = export_onnx.onnx_session(path)
+    assert session.get_inputs()[0].shape == ['batch', 3, 64, 64]
+    assert session.get_outputs()[0].shape == ['batch', 10]
+    assert not os.path.exists(path + '.partial')
+
+
+@needs_converter
+def test_infer_onnxruntime_prints_the_same_top_k_as_predict(onnx_model, tmp_path, capsys):
+    path, _, cfg, weights = onnx_model
+    paths = write_images(str(tmp_path / 'images'), 3)
+
+    assert predict.main(['-cfg', cfg, '-pretrained', weights, str(tmp_path / 'images'), '-topk', '4']) == 0
+    from_predict = parse_top_k(capsys.readouterr().out)
+    assert infer.main(['-model', path, '-backend', 'onnxruntime', str(tmp_path / 'images'), '-topk', '4',
+                       '-batch_size', '2']) == 0
+    from_infer = parse_top_k(capsys.readouterr().out)
+
+    assert list(from_infer) == list(from_predict) == paths
+    for image in paths:
+        assert [i for i, _, _ in from_infer[image]] == [i for i, _, _ in from_predict[image]]
+        np.testing.assert_allclose([p for _, p, _ in from_infer[image]],
+                                   [p for _, p, _ in from_predict[image]], atol=1.1e-4)
+
+
+@needs_converter
+def test_a_model_whose_onnx_logits_differ_is_not_written(tmp_path, monkeypatch, capsys):
+    cfg, weights, _ = write_tiny_model(str(tmp_path))
+    output = tmp_path / 'tiny.onnx'
+    monkeypatch.setattr(export_onnx, 'MAX_LOGIT_DIFFERENCE', -1.0)  # no conversion is that exact
+    with pytest.raises(SystemExit) as exit_info:
+        export_onnx.main(['-cfg', cfg, '-pretrained', weights, '-output', str(output)])
+    assert exit_info.value.code == 1
+    assert 'not written' in capsys.readouterr().err
+    assert list(tmp_path.glob('tiny.onnx*')) == []
+
+
+def test_without_the_converter_export_exits_2_with_the_install_hint(tmp_path, monkeypatch, capsys):
+    cfg, weights, _ = write_tiny_model(str(tmp_path))
+    monkeypatch.setitem(sys.modules, 'paddle2onnx', None)  # import fails as when not installed
+    with pytest.raises(SystemExit) as exit_info:
+        export_onnx.main(['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path / 'tiny.onnx')])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count('\n') == 1 and 'pip install -r requirements-deploy.txt' in err
+    assert not (tmp_path / 'tiny.onnx').exists()
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda a: a.__setitem__(3, 'missing.pdparams'), 'missing.pdparams'),
+    (lambda a: a.extend(['-num_classes', '7']), 'does not fit MODEL.NUM_CLASSES = 7'),
+    (lambda a: a.__setitem__(5, '/no/such/folder/m.onnx'), 'its folder does not exist'),
+])
+def test_bad_input_exits_2_with_one_line_naming_it(tmp_path, capsys, change, message):
+    cfg, weights, _ = write_tiny_model(str(tmp_path))
+    argv = ['-cfg', cfg, '-pretrained', weights, '-output', str(tmp_path / 'tiny.onnx')]
+    change(argv)
+    with pytest.raises(SystemExit) as exit_info:
+        export_onnx.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count('\n') == 1 and message in err
+
+
+def test_infer_onnxruntime_without_the_file_exits_2(tmp_path, capsys):
+    image = write_images(str(tmp_path), 1)[0]
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main(['-model', str(tmp_path / 'none.onnx'), '-backend', 'onnxruntime', image])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count('\n') == 1 and 'none.onnx: no such file' in err
