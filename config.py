@@ -119,6 +119,8 @@ _C.TRAIN.TEACHER_PRETRAINED = ''  # the teacher's weights (.pdparams optional)
 _C.SAVE = './output'
 _C.TAG = 'default'
 _C.SAVE_FREQ = 1  # epochs between checkpoints
+_C.SAVE_STEP_FREQ = 0  # optimizer steps between mid-epoch checkpoints (each replaces the last); 0: none
+_C.KEEP_CHECKPOINTS = 0  # epoch checkpoints kept, the newest (besides <TYPE>-best.pdparams); 0: all
 _C.REPORT_FREQ = 50  # steps between log lines
 _C.VALIDATE_FREQ = 10  # epochs between validations
 _C.SEED = 0
@@ -214,6 +216,9 @@ def validate_config(config):
             raise ConfigError(f'DATA.{key} must be positive, got {config.DATA[key]}')
     if config.TRAIN.ACCUM_ITER < 1:
         raise ConfigError(f'TRAIN.ACCUM_ITER must be >= 1, got {config.TRAIN.ACCUM_ITER}')
+    for key in ('SAVE_STEP_FREQ', 'KEEP_CHECKPOINTS'):
+        if not isinstance(config[key], int) or config[key] < 0:
+            raise ConfigError(f'{key} must be an integer >= 0, got {config[key]!r}')
 
 
 def update_config(config, args):

@@ -1,0 +1,133 @@
+"""Stop signals: SIGTERM and SIGINT end training cleanly after the current step.
+
+`StopSignals` (installed by engine.run around the epoch loop) records the first
+SIGTERM or SIGINT; the training loop asks `agreed_code` after every optimizer
+step, which with several processes takes the maximum over all of them, so every
+process stops at the same step; rank 0 then writes a checkpoint and they exit
+with 143 (SIGTERM) or 130 (SIGINT). A second SIGTERM or SIGINT ends the process
+at once. SIGUSR1 asks for the same stop as SIGTERM but never counts as a second
+signal: the multi-process launcher forwards stop signals with it, since a
+signal sent to the whole process group (Ctrl-C, SLURM) reaches the training
+processes directly as well.
+
+Loader worker processes ignore all three (`ignore_in_worker`): their training
+process decides when to stop, and a worker dying mid-epoch would fail its step;
+the training process kills them when it exits.
+"""
+
+import atexit
+import multiprocessing
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Dict, List, Optional
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+# exit codes, as a shell reports a process ended by the signal
+EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGUSR1: 143}
+CODE_NAMES = {143: 'SIGTERM', 130: 'SIGINT'}
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+class StopSignals:
+    """A context manager that turns SIGTERM / SIGINT / SIGUSR1 into a stop request."""
+
+    def __init__(self):
+        self.code = 0  # exit code of the requested stop; 0: none
+        self._signalled = False  # a SIGTERM or SIGINT came
+        self._owner = os.getpid()
+        self._previous: Dict[int, object] = {}
+
+    def __enter__(self) -> 'StopSignals':
+        if _in_main_thread():  # Python handles signals in the main thread only
+            for signum in EXIT_CODES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            # after multiprocessing's own exit handler, so that it runs first
+            atexit.unregister(end_loader_workers)
+            atexit.register(end_loader_workers)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if os.getpid() != self._owner:
+            return  # a forked loader worker before `ignore_in_worker` ran
+        if signum != signal.SIGUSR1:
+            if self._signalled:
+                os.write(2, f'{signal.Signals(signum).name} again: stopping now\n'.encode())
+                end_loader_workers()
+                os._exit(EXIT_CODES[signum])
+            self._signalled = True
+        self.code = self.code or EXIT_CODES[signum]
+
+    def agreed_code(self, world_size: int) -> int:
+        """The stop requested in any process (0: none); a collective with several."""
+        if world_size < 2:
+            return self.code
+        flag = paddle.to_tensor(np.array([self.code], dtype=np.int64))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.numpy()[0])
+
+    @staticmethod
+    def name(code: int) -> str:
+        return CODE_NAMES.get(code, f'exit code {code}')
+
+
+def ignore_in_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: leave stop signals to the training process,
+    which ends its workers when it exits (`StopSignals`)."""
+    for signum in EXIT_CODES:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def end_loader_workers() -> None:
+    """Kill this process's daemonic children, the loader workers, which ignore
+    SIGTERM: multiprocessing would terminate them at exit and wait forever."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
+
+
+class ForwardStopSignals:
+    """In the process that spawned the training processes: pass the first SIGTERM
+    or SIGINT on to them as SIGUSR1 and remember it (`code`); a second one kills
+    them and exits at once."""
+
+    def __init__(self, pids: List[int]):
+        self.pids = pids
+        self.code = 0
+        self._previous: Dict[int, object] = {}
+
+    def __enter__(self) -> 'ForwardStopSignals':
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def _send(self, signum: int) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.code:
+            self._send(signal.SIGKILL)
+            os._exit(EXIT_CODES[signum])
+        self.code = EXIT_CODES[signum]
+        self._send(signal.SIGUSR1)
