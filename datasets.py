@@ -34,7 +34,7 @@ import numpy as np
 import paddle
 from PIL import Image
 
-from preemption import ignore_in_worker
+from preemption import loader_worker_init
 from transforms import build_train_transforms, build_val_transforms
 
 MODES = ('train', 'val')
@@ -358,7 +358,7 @@ def get_dataloader(config, dataset: AugmentedDataset, mode: str, multi_process: 
         raise ValueError(f'DATA.NUM_WORKERS must be >= 0, got {workers}')
     return paddle.io.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                 persistent_workers=workers > 0, return_list=True,
-                                worker_init_fn=ignore_in_worker if workers > 0 else None)
+                                worker_init_fn=loader_worker_init if workers > 0 else None)
 
 
 def set_epoch(loader: paddle.io.DataLoader, epoch: int, first_batch: int = 0) -> None:

@@ -10,15 +10,17 @@ signal: the multi-process launcher forwards stop signals with it, since a
 signal sent to the whole process group (Ctrl-C, SLURM) reaches the training
 processes directly as well.
 
-Loader worker processes ignore all three (`ignore_in_worker`): their training
+Loader worker processes ignore all three (`loader_worker_init`): their training
 process decides when to stop, and a worker dying mid-epoch would fail its step;
 the training process kills them when it exits.
 """
 
 import atexit
+import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Dict, List, Optional
@@ -30,6 +32,7 @@ import paddle.distributed as dist
 # exit codes, as a shell reports a process ended by the signal
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGUSR1: 143}
 CODE_NAMES = {143: 'SIGTERM', 130: 'SIGINT'}
+PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent dies
 
 
 def _in_main_thread() -> bool:
@@ -61,7 +64,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if os.getpid() != self._owner:
-            return  # a forked loader worker before `ignore_in_worker` ran
+            return  # a forked loader worker before `loader_worker_init` ran
         if signum != signal.SIGUSR1:
             if self._signalled:
                 os.write(2, f'{signal.Signals(signum).name} again: stopping now\n'.encode())
@@ -83,11 +86,14 @@ class StopSignals:
         return CODE_NAMES.get(code, f'exit code {code}')
 
 
-def ignore_in_worker(worker_id: int) -> None:
+def loader_worker_init(worker_id: int) -> None:
     """DataLoader worker_init_fn: leave stop signals to the training process,
-    which ends its workers when it exits (`StopSignals`)."""
+    which ends its workers when it exits (`end_loader_workers`), and die with
+    that process should it be killed (Linux), rather than wait for it forever."""
     for signum in EXIT_CODES:
         signal.signal(signum, signal.SIG_IGN)
+    if sys.platform.startswith('linux'):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def end_loader_workers() -> None:
