@@ -36,6 +36,7 @@ import cvt
 from utils import AverageMeter, TrainingStopped, UsageError
 
 TRAIN_STATE_FORMAT = 'cvt-train-state/1'
+BATCHNORM_STATISTICS = ('._mean', '._variance')
 AUTO = 'auto'  # -resume auto
 # <TYPE>-Epoch-<N>-Loss-<loss> or <TYPE>-Epoch-<N>-Step-<S>, without the extension
 NAME_TAIL = re.compile(r'-Epoch-(\d+)-(?:Loss-[-+.\w]+|Step-(\d+))$')
@@ -125,9 +126,9 @@ def best_path(config) -> str:
 
 
 def _buffers(layer: paddle.nn.Layer) -> Dict[str, paddle.Tensor]:
-    """The state that is not a parameter (BatchNorm running statistics)."""
-    params = {name for name, _ in layer.named_parameters()}
-    return {name: value for name, value in layer.state_dict().items() if name not in params}
+    """The BatchNorm running statistics (Paddle keeps them as parameters)."""
+    return {name: value for name, value in layer.state_dict().items()
+            if name.endswith(BATCHNORM_STATISTICS)}
 
 
 def _gather_buffers(trainer) -> List[Dict[str, Dict[str, np.ndarray]]]:
@@ -141,6 +142,8 @@ def _gather_buffers(trainer) -> List[Dict[str, Dict[str, np.ndarray]]]:
         layers['ema'] = trainer.ema.module
     named = [(layer, name, value) for layer, module in layers.items()
              for name, value in _buffers(module).items()]
+    if not named:
+        return []
     flat = paddle.concat([value.astype('float64').reshape([-1]) for _, _, value in named])
     gathered: List[paddle.Tensor] = []
     dist.all_gather(gathered, flat)
@@ -196,7 +199,7 @@ def save_step_checkpoint(trainer, epoch: int, step: int, meters: Dict[str, Avera
     from 1). Every process calls it; rank 0 writes and gets the .pdparams path."""
     state = _training_state(trainer, epoch - 1, step, meters)
     if trainer.world_size > 1:
-        state['rank_buffers'] = _gather_buffers(trainer)
+        state['rank_buffers'] = _gather_buffers(trainer) or None
     path = None
     if trainer.rank == 0:
         path = _write_checkpoint(trainer, step_checkpoint_prefix(trainer.config, epoch, step), state)

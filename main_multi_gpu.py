@@ -17,6 +17,7 @@ USER_SET_THREADS = 'OMP_NUM_THREADS' in os.environ or 'MKL_NUM_THREADS' in os.en
 import runtime  # noqa: E402,F401  (before paddle)
 
 import re  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 
 import paddle  # noqa: E402
@@ -37,7 +38,12 @@ def worker(config) -> None:
     """One training process: usage errors are the same in every process, so
     only rank 0 reports them."""
     quiet = int(os.environ.get('PADDLE_TRAINER_ID', '0')) != 0
-    utils.report_errors(engine.run, config, multi_process=True, quiet=quiet)
+    try:
+        utils.report_errors(engine.run, config, multi_process=True, quiet=quiet)
+    finally:
+        # a spawned process ends its loader workers with SIGTERM as it exits,
+        # which Paddle's SIGCHLD handler would report as a worker failure
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 def process_count(requested: int) -> int:
@@ -65,8 +71,9 @@ def main() -> None:
         # the processes share the cores instead of each claiming all of them
         threads = str(max(1, len(os.sched_getaffinity(0)) // nprocs))
         os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = threads
-    processes = dist.spawn(worker, args=(config,), nprocs=nprocs, backend='gloo' if on_cpu else 'nccl',
-                           join=False)
+    with preemption.deferred_stop_requests():
+        processes = dist.spawn(worker, args=(config,), nprocs=nprocs, backend='gloo' if on_cpu else 'nccl',
+                               join=False)
     with preemption.ForwardStopSignals([p.pid for p in processes.processes]) as stop:
         try:
             while not processes.join():

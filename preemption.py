@@ -10,20 +10,20 @@ signal: the multi-process launcher forwards stop signals with it, since a
 signal sent to the whole process group (Ctrl-C, SLURM) reaches the training
 processes directly as well.
 
-Loader worker processes ignore all three (`loader_worker_init`): their training
-process decides when to stop, and a worker dying mid-epoch would fail its step;
-the training process kills them when it exits.
+Loader worker processes ignore SIGINT and SIGUSR1 (`loader_worker_init`): their
+training process decides when to stop, and a worker ending mid-epoch would fail
+its step. They do end on SIGTERM, so send SIGTERM to the training process (or to
+main_multi_gpu.py's launcher), not to the whole process group.
 """
 
-import atexit
+import contextlib
 import ctypes
-import multiprocessing
 import os
 import signal
 import sys
 import threading
 from types import FrameType
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import paddle
@@ -52,9 +52,8 @@ class StopSignals:
         if _in_main_thread():  # Python handles signals in the main thread only
             for signum in EXIT_CODES:
                 self._previous[signum] = signal.signal(signum, self._handle)
-            # after multiprocessing's own exit handler, so that it runs first
-            atexit.unregister(end_loader_workers)
-            atexit.register(end_loader_workers)
+            # a SIGUSR1 held back since the process started (`deferred_stop_requests`) arrives now
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
         return self
 
     def __exit__(self, *exc) -> None:
@@ -68,7 +67,6 @@ class StopSignals:
         if signum != signal.SIGUSR1:
             if self._signalled:
                 os.write(2, f'{signal.Signals(signum).name} again: stopping now\n'.encode())
-                end_loader_workers()
                 os._exit(EXIT_CODES[signum])
             self._signalled = True
         self.code = self.code or EXIT_CODES[signum]
@@ -87,22 +85,29 @@ class StopSignals:
 
 
 def loader_worker_init(worker_id: int) -> None:
-    """DataLoader worker_init_fn: leave stop signals to the training process,
-    which ends its workers when it exits (`end_loader_workers`), and die with
-    that process should it be killed (Linux), rather than wait for it forever."""
-    for signum in EXIT_CODES:
+    """DataLoader worker_init_fn: leave SIGINT (Ctrl-C reaches the whole process
+    group) and SIGUSR1 to the training process, and die with that process should
+    it be killed (Linux) rather than wait for it forever.
+
+    SIGTERM keeps ending a worker: it is how its training process ends it at exit.
+    """
+    for signum in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # rather than the training process's handler
     if sys.platform.startswith('linux'):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def end_loader_workers() -> None:
-    """Kill this process's daemonic children, the loader workers, which ignore
-    SIGTERM: multiprocessing would terminate them at exit and wait forever."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join()
+@contextlib.contextmanager
+def deferred_stop_requests() -> Iterator[None]:
+    """Start processes meanwhile with SIGUSR1 blocked, so that a stop request
+    forwarded before they handle it waits for `StopSignals` instead of killing
+    them (the signal mask survives fork and exec)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class ForwardStopSignals:

@@ -120,3 +120,116 @@ def test_killed_and_stopped_runs_resume_to_the_weights_of_a_straight_run(data_pa
     assert_same_weights(final_weights(straight_dir), final_weights(resumed_dir))
     # the epoch's logged mean loss continues over the interruption
     assert finished.stdout.split('Train Loss: ')[-1][:6] in straight.stdout
+
+
+def test_two_processes_stop_together_on_sigterm_to_the_launcher_and_resume_exactly(data_path, tmp_path):
+    cfg = write_tiny_yaml(str(tmp_path / 'tiny.yaml'), data_path, str(tmp_path / 'unused'),
+                          {**RANDOM_RECIPE, 'SAVE_STEP_FREQ': 0})
+    straight_dir, resumed_dir = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+    args = ['main_multi_gpu.py', '-cfg', cfg, '-ngpus', '2']
+    straight = subprocess.run([PYTHON, *args, '-output', straight_dir], cwd=ROOT, capture_output=True,
+                              text=True, timeout=TIMEOUT)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    # SIGTERM to the launcher alone, as Kubernetes sends it: it passes the stop on
+    process = subprocess.Popen([PYTHON, *args, '-output', resumed_dir], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if 'training epochs 1-2' in line:
+                process.send_signal(signal.SIGTERM)
+        process.wait(timeout=TIMEOUT)
+    finally:
+        process.kill()
+    log = ''.join(lines)
+    assert process.returncode == 143, log[-3000:]
+    assert log.count('----- stopped by SIGTERM at ') == 1
+    assert len(checkpoint.list_checkpoints(resumed_dir, 'CvT')) == 1
+
+    resumed = subprocess.run([PYTHON, *args, '-output', resumed_dir, '-resume', 'auto'], cwd=ROOT,
+                             capture_output=True, text=True, timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'resumed from ' in resumed.stdout
+    assert_same_weights(final_weights(straight_dir), final_weights(resumed_dir))
+
+
+def test_resume_auto_without_a_checkpoint_starts_from_scratch_saying_so(data_path, tmp_path):
+    result = engine.run(tiny_config(data_path, str(tmp_path), {'MODEL.RESUME': 'auto', 'TRAIN.NUM_EPOCHS': 1}))
+    log = (tmp_path / 'log.txt').read_text()
+    assert log.count(f'-resume auto: no checkpoint in {tmp_path}, training from scratch') == 1
+    assert 'Epoch[001/001], Step[0001/0005]' in log and result['checkpoint']
+
+
+def test_torn_checkpoints_are_never_resumed_from(data_path, tmp_path):
+    changes = {'TRAIN.MODEL_EMA': True, 'TRAIN.NUM_EPOCHS': 1}
+    whole = engine.run(tiny_config(data_path, str(tmp_path), changes))['checkpoint'][:-len('.pdparams')]
+
+    def copy(step, suffixes, truncate=None):
+        prefix = str(tmp_path / f'CvT-Epoch-2-Step-{step}')
+        for suffix in suffixes:
+            shutil.copy(whole + suffix, prefix + suffix)
+        if truncate:
+            with open(prefix + truncate, 'r+b') as half:
+                half.truncate(os.path.getsize(prefix + truncate) // 2)
+
+    copy(1, ['.pdparams'])  # no training state
+    copy(2, ['.pdparams', '.pdopt', '-EMA.pdparams'], truncate='.pdparams')
+    copy(3, ['.pdparams', '.pdopt'])  # no EMA, which the state says there is
+    copy(4, ['.pdparams', '.pdopt', '-EMA.pdparams'], truncate='.pdopt')
+    shutil.copy(whole + '.pdparams', str(tmp_path / 'CvT-Epoch-2-Step-5.pdparams.tmp1'))  # a save killed
+    result = engine.run(tiny_config(data_path, str(tmp_path), {**changes, 'TRAIN.NUM_EPOCHS': 2,
+                                                               'MODEL.RESUME': 'auto'}))
+    log = (tmp_path / 'log.txt').read_text()
+    assert f'resumed from {whole}.pdparams (after epoch 1)' in log
+    for step in (1, 2, 3, 4):
+        assert log.count(f'-resume auto: skipping CvT-Epoch-2-Step-{step}, it is not whole') == 1
+    assert 'Step-5' not in log
+    # the finished epoch 2 makes them all stale: gone
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        os.path.basename(p) for p in glob.glob(str(tmp_path / 'CvT-Epoch-[12]-Loss-*')) + [
+            str(tmp_path / 'CvT-best.pdparams'), str(tmp_path / 'log.txt')])
+    assert result['checkpoint'].endswith('.pdparams')
+
+
+def test_keep_checkpoints_keeps_the_newest_epochs_and_the_best(data_path, tmp_path):
+    result = engine.run(tiny_config(data_path, str(tmp_path), {
+        'TRAIN.MODEL_EMA': True, 'TRAIN.NUM_EPOCHS': 4, 'KEEP_CHECKPOINTS': 2, 'SAVE_STEP_FREQ': 2,
+        'TRAIN.BASE_LR': 5e-3, 'TRAIN.MIXUP_PROB': 0.0}))
+    kept = sorted(os.listdir(tmp_path))
+    assert [name for name in kept if 'Epoch' in name] == sorted(
+        f'{os.path.basename(p)[:-len(".pdparams")]}{suffix}'
+        for p in glob.glob(str(tmp_path / 'CvT-Epoch-[34]-Loss-*[0-9].pdparams'))
+        for suffix in ('-EMA.pdparams', '.pdopt', '.pdparams'))
+    assert len(kept) == 3 * 2 + 2  # + CvT-best.pdparams and log.txt
+    best_lines = [line for line in (tmp_path / 'log.txt').read_text().splitlines() if 'best Acc@1 so far' in line]
+    best_acc1 = float(best_lines[-1].split('best Acc@1 so far (')[1].split(',')[0])
+    evaluated = engine.run(tiny_config(data_path, str(tmp_path / 'eval'), {
+        'EVAL': True, 'MODEL.PRETRAINED': str(tmp_path / 'CvT-best.pdparams')}))['val']
+    assert evaluated['acc1'] == pytest.approx(best_acc1, abs=1e-4)
+    assert best_acc1 >= result['val']['acc1']
+
+
+def test_sampler_continues_an_epoch_without_reading_the_batches_before(data_path, tmp_path):
+    config = tiny_config(data_path, str(tmp_path))
+    dataset = datasets.get_dataset(config, 'train')
+    loader = datasets.get_dataloader(config, dataset, 'train', multi_process=False)
+    datasets.set_epoch(loader, 3)
+    whole_epoch = list(loader.batch_sampler)
+    reads = []
+    load = dataset.load
+    dataset.load = lambda index: reads.append(index) or load(index)
+    datasets.set_epoch(loader, 3, first_batch=2)
+    assert list(loader.batch_sampler) == whole_epoch[2:]
+    batches = list(loader)
+    assert len(batches) == len(whole_epoch) - 2 == len(loader) - 2
+    assert sorted(reads) == sorted(i for batch in whole_epoch[2:] for _, i in batch)
+
+
+@pytest.mark.parametrize('key', ['SAVE_STEP_FREQ', 'KEEP_CHECKPOINTS'])
+def test_checkpoint_settings_must_be_counts(key):
+    config = get_config()
+    config[key] = -1
+    with pytest.raises(ConfigError, match=f'{key} must be an integer >= 0, got -1'):
+        validate_config(config)
