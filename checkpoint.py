@@ -39,7 +39,7 @@ TRAIN_STATE_FORMAT = 'cvt-train-state/1'
 BATCHNORM_STATISTICS = ('._mean', '._variance')
 AUTO = 'auto'  # -resume auto
 # <TYPE>-Epoch-<N>-Loss-<loss> or <TYPE>-Epoch-<N>-Step-<S>, without the extension
-NAME_TAIL = re.compile(r'-Epoch-(\d+)-(?:Loss-[-+.\w]+|Step-(\d+))$')
+NAME_TAIL = re.compile(r'-Epoch-(\d+)-(?:Loss-[\d.]+|Step-(\d+))$')
 
 
 class UnreadableCheckpoint(Exception):

@@ -159,7 +159,7 @@ def test_resume_auto_without_a_checkpoint_starts_from_scratch_saying_so(data_pat
     result = engine.run(tiny_config(data_path, str(tmp_path), {'MODEL.RESUME': 'auto', 'TRAIN.NUM_EPOCHS': 1}))
     log = (tmp_path / 'log.txt').read_text()
     assert log.count(f'-resume auto: no checkpoint in {tmp_path}, training from scratch') == 1
-    assert 'Epoch[001/001], Step[0001/0005]' in log and result['checkpoint']
+    assert 'Epoch[001/001], Step[0002/0005]' in log and result['checkpoint']
 
 
 def test_torn_checkpoints_are_never_resumed_from(data_path, tmp_path):
@@ -178,7 +178,7 @@ def test_torn_checkpoints_are_never_resumed_from(data_path, tmp_path):
     copy(2, ['.pdparams', '.pdopt', '-EMA.pdparams'], truncate='.pdparams')
     copy(3, ['.pdparams', '.pdopt'])  # no EMA, which the state says there is
     copy(4, ['.pdparams', '.pdopt', '-EMA.pdparams'], truncate='.pdopt')
-    shutil.copy(whole + '.pdparams', str(tmp_path / 'CvT-Epoch-2-Step-5.pdparams.tmp1'))  # a save killed
+    shutil.copy(whole + '.pdparams', str(tmp_path / 'CvT-Epoch-2-Step-5.pdparams.tmp999999999'))  # a save killed
     result = engine.run(tiny_config(data_path, str(tmp_path), {**changes, 'TRAIN.NUM_EPOCHS': 2,
                                                                'MODEL.RESUME': 'auto'}))
     log = (tmp_path / 'log.txt').read_text()
