@@ -172,7 +172,6 @@ def _training_state(trainer, epoch: int, step: int, meters: Dict[str, AverageMet
         'scaler': trainer.scaler.state_dict(),
         'ema': trainer.ema is not None,
         'global_batch_size': trainer.global_batch_size,
-        'world_size': trainer.world_size,
     }
 
 

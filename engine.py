@@ -268,7 +268,8 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int,
         acc_meter.update(correct / count, int(count))
         if (step + 1) % config.REPORT_FREQ == 0 or step + 1 == micro_steps:
             elapsed = time.time() - start
-            left = elapsed / (step + 1 - first_step) * ((micro_steps - step - 1) + micro_steps * (num_epochs - epoch))
+            left = elapsed / (step + 1 - first_step) * (
+                (micro_steps - step - 1) + micro_steps * (num_epochs - epoch))
             logger.info(
                 f'Epoch[{epoch:03d}/{num_epochs:03d}], Step[{step + 1:04d}/{micro_steps:04d}], '
                 f'Loss: {loss_sum / count:.4f} (avg {loss_meter.avg:.4f}), '

@@ -16,6 +16,7 @@ import pytest
 import checkpoint
 import datasets
 import engine
+import preemption
 from config import ConfigError, get_config, validate_config
 from tiny_training import ROOT, make_tiny_data, tiny_config, write_tiny_yaml
 
@@ -233,3 +234,17 @@ def test_checkpoint_settings_must_be_counts(key):
     config[key] = -1
     with pytest.raises(ConfigError, match=f'{key} must be an integer >= 0, got -1'):
         validate_config(config)
+
+
+def test_stop_signals_ask_for_a_stop_with_the_signals_exit_code_and_restore_the_handlers():
+    previous = signal.getsignal(signal.SIGINT)
+    with preemption.StopSignals() as stop:
+        assert stop.agreed_code(world_size=1) == 0
+        os.kill(os.getpid(), signal.SIGINT)  # handled here, not a KeyboardInterrupt
+        assert stop.agreed_code(world_size=1) == 130 and stop.name(130) == 'SIGINT'
+    assert signal.getsignal(signal.SIGINT) is previous
+    with preemption.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)  # the launcher's request: like SIGTERM
+        assert stop.code == 143
+        os.kill(os.getpid(), signal.SIGTERM)  # the first real signal, not a second one
+        assert stop.code == 143
