@@ -17,7 +17,6 @@ USER_SET_THREADS = 'OMP_NUM_THREADS' in os.environ or 'MKL_NUM_THREADS' in os.en
 import runtime  # noqa: E402,F401  (before paddle)
 
 import re  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
 
 import paddle  # noqa: E402
@@ -38,12 +37,7 @@ def worker(config) -> None:
     """One training process: usage errors are the same in every process, so
     only rank 0 reports them."""
     quiet = int(os.environ.get('PADDLE_TRAINER_ID', '0')) != 0
-    try:
-        utils.report_errors(engine.run, config, multi_process=True, quiet=quiet)
-    finally:
-        # a spawned process ends its loader workers with SIGTERM as it exits,
-        # which Paddle's SIGCHLD handler would report as a worker failure
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    utils.report_errors(engine.run, config, multi_process=True, quiet=quiet)
 
 
 def process_count(requested: int) -> int:

@@ -89,11 +89,11 @@ def loader_worker_init(worker_id: int) -> None:
     group) and SIGUSR1 to the training process, and die with that process should
     it be killed (Linux) rather than wait for it forever.
 
-    SIGTERM keeps ending a worker: it is how its training process ends it at exit.
+    SIGTERM keeps the handler Paddle gives its workers (which replaces the one
+    inherited from the training process): it is how that process ends them at exit.
     """
     for signum in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # rather than the training process's handler
     if sys.platform.startswith('linux'):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
