@@ -126,6 +126,8 @@ _C.TRAIN.TEACHER_PRETRAINED = ''  # the teacher's weights (.pdparams optional)
 _C.SAVE = './output'
 _C.TAG = 'default'
 _C.SAVE_FREQ = 1  # epochs between checkpoints
+_C.SAVE_STEP_FREQ = 0  # optimizer steps between mid-epoch checkpoints (each replaces the last); 0: none
+_C.KEEP_CHECKPOINTS = 0  # epoch checkpoints kept, the newest (besides <TYPE>-best.pdparams); 0: all
 _C.REPORT_FREQ = 50  # steps between log lines
 _C.VALIDATE_FREQ = 10  # epochs between validations
 _C.SEED = 0
@@ -316,6 +318,7 @@ RANGES = (
     ('TRAIN.RANDOM_ERASE_COUNT', 1, None),
     ('TRAIN.DISTILLATION_ALPHA', 0, 1), ('TRAIN.DISTILLATION_TAU', (0,), None),
     ('SAVE_FREQ', 1, None), ('REPORT_FREQ', 1, None), ('VALIDATE_FREQ', 1, None), ('SEED', 0, None),
+    ('SAVE_STEP_FREQ', 0, None), ('KEEP_CHECKPOINTS', 0, None),
 )
 CHOICES = (
     ('TRAIN.MIXUP_MODE', ('batch', 'pair', 'elem')),

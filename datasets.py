@@ -14,7 +14,9 @@ Reproducibility: the loader's batch sampler hands the dataset keys
 from (SEED, epoch, index). Samples and their augmentation are therefore the
 same whatever the number of workers or processes, and a run resumed at an
 epoch boundary continues exactly; the sampler's shuffle derives from (SEED,
-epoch). Call ``set_epoch(loader, epoch)`` at the start of every epoch.
+epoch). Call ``set_epoch(loader, epoch)`` at the start of every epoch;
+``set_epoch(loader, epoch, first_batch)`` continues an epoch at a batch without
+reading the batches before it (resuming from a mid-epoch checkpoint).
 
 A file that cannot be decoded (truncated, empty, not an image, missing) is
 replaced by the next readable sample, with one warning per file in each
@@ -32,6 +34,7 @@ import numpy as np
 import paddle
 from PIL import Image
 
+from preemption import loader_worker_init
 from transforms import build_train_transforms, build_val_transforms
 
 MODES = ('train', 'val')
@@ -290,7 +293,8 @@ class EpochBatchSampler(paddle.io.DistributedBatchSampler):
     shuffle: a permutation seeded from (seed, epoch). pad: repeat samples so
     every process gets the same count (training); without it, process r takes
     indices r, r + world, r + 2 * world, ... so every sample is used exactly
-    once overall and shards differ in length by at most one.
+    once overall and shards differ in length by at most one. Iteration starts at
+    batch `first_batch` of the epoch (its length stays the whole epoch's).
     """
 
     def __init__(self, dataset, batch_size: int, num_replicas: int, rank: int,
@@ -299,6 +303,7 @@ class EpochBatchSampler(paddle.io.DistributedBatchSampler):
                          shuffle=shuffle, drop_last=drop_last)
         self.pad = pad
         self.seed = int(seed)
+        self.first_batch = 0
 
     def shard(self) -> np.ndarray:
         """Dataset indices of this process for the current epoch, in order."""
@@ -314,7 +319,7 @@ class EpochBatchSampler(paddle.io.DistributedBatchSampler):
     def __iter__(self):
         indices = self.shard()
         stop = len(indices) - len(indices) % self.batch_size if self.drop_last else len(indices)
-        for start in range(0, stop, self.batch_size):
+        for start in range(self.first_batch * self.batch_size, stop, self.batch_size):
             yield [(self.epoch, int(i)) for i in indices[start:start + self.batch_size]]
 
     def __len__(self) -> int:
@@ -331,7 +336,8 @@ def get_dataloader(config, dataset: AugmentedDataset, mode: str, multi_process: 
     shards are NOT padded (process r gets samples r, r + world, ...), so every
     sample is evaluated exactly once overall but processes may run one batch
     fewer than others: gather results after the loop, not per batch.
-    Workers (DATA.NUM_WORKERS) persist across epochs; call
+    Workers (DATA.NUM_WORKERS) persist across epochs and ignore stop signals
+    (SIGTERM, SIGINT: the training process handles them); call
     ``set_epoch(loader, epoch)`` before each epoch.
     """
     if mode not in MODES:
@@ -351,12 +357,15 @@ def get_dataloader(config, dataset: AugmentedDataset, mode: str, multi_process: 
     if workers < 0:
         raise ValueError(f'DATA.NUM_WORKERS must be >= 0, got {workers}')
     return paddle.io.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                persistent_workers=workers > 0, return_list=True)
+                                persistent_workers=workers > 0, return_list=True,
+                                worker_init_fn=loader_worker_init if workers > 0 else None)
 
 
-def set_epoch(loader: paddle.io.DataLoader, epoch: int) -> None:
-    """Select `epoch`'s shuffle order and augmentation; call before iterating `loader`."""
+def set_epoch(loader: paddle.io.DataLoader, epoch: int, first_batch: int = 0) -> None:
+    """Select `epoch`'s shuffle order and augmentation, starting at batch
+    `first_batch` of it; call before iterating `loader`."""
     sampler: Optional[EpochBatchSampler] = getattr(loader, 'batch_sampler', None)
     if not isinstance(sampler, EpochBatchSampler):
         raise TypeError('set_epoch needs a loader made by datasets.get_dataloader')
     sampler.set_epoch(int(epoch))
+    sampler.first_batch = int(first_batch)

@@ -1,16 +1,18 @@
 """The training and evaluation engine behind main_single_gpu.py and main_multi_gpu.py.
 
 `run(config, multi_process)` does the whole job: data, model, optimizer, LR
-schedule, resume, the epoch loop, validation and checkpoints. The pieces are
-importable on their own: `train_step` (one forward/backward/update, which
-tools/benchmark.py times), `train_one_epoch`, `validate`, `save_checkpoint`,
-`resume`, `build_optimizer`, `build_lr_schedule`.
+schedule, resume, the epoch loop, validation and checkpoints (checkpoint.py),
+stopping cleanly on SIGTERM / SIGINT (preemption.py). The pieces are importable
+on their own: `train_step` (one forward/backward/update, which
+tools/benchmark.py times), `train_one_epoch`, `validate`, `build_optimizer`,
+`build_lr_schedule`.
 
-Randomness: the model is initialised from SEED; every epoch then reseeds Python,
-NumPy and Paddle (dropout, drop path) from (SEED, epoch, rank), and the data
-(`datasets.set_epoch`) and Mixup (`Mixup.set_epoch`) reseed from the same. An
-epoch's randomness thus does not depend on the epochs before it, and a resumed
-run repeats a straight one exactly without storing generator states.
+Randomness: the model is initialised from SEED; every (micro-)step then reseeds
+Python, NumPy, Paddle (dropout, drop path) and Mixup (`Mixup.set_epoch`) from
+(SEED, epoch, step, rank), and the data order and augmentation derive from
+(SEED, epoch) (`datasets.set_epoch`). A step's randomness thus does not depend
+on the steps before it, and a run resumed at any step repeats a straight one
+exactly without storing generator states.
 """
 
 import math
@@ -28,10 +30,12 @@ import paddle.distributed as dist
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+import checkpoint
 import cvt
 import datasets
 import losses
 import mixup as mixup_lib
+import preemption
 import reporting
 from config import get_config
 from utils import FILE_ONLY, AverageMeter, NonFiniteLossError, UsageError, format_seconds, get_logger
@@ -39,7 +43,6 @@ from utils import FILE_ONLY, AverageMeter, NonFiniteLossError, UsageError, forma
 BATCH_NORMS = (nn.BatchNorm, nn.BatchNorm1D, nn.BatchNorm2D, nn.BatchNorm3D)
 # ops kept in float32 under float16 autocast: normalisation and attention weights
 FLOAT32_OPS = {'layer_norm', 'softmax'}
-TRAIN_STATE_FORMAT = 'cvt-train-state/1'
 
 # Paddle notes on every BatchNorm in training mode that it tracks running statistics
 warnings.filterwarnings('ignore', message='When training, we now always track global mean')
@@ -197,8 +200,8 @@ def seed_everything(seed: int) -> None:
     paddle.seed(seed)
 
 
-def epoch_seed(base_seed: int, epoch: int, rank: int) -> int:
-    return int(np.random.SeedSequence([base_seed, epoch, rank]).generate_state(1)[0])
+def step_seed(base_seed: int, epoch: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([base_seed, epoch, step, rank]).generate_state(1)[0])
 
 
 @dataclass
@@ -218,27 +221,43 @@ class Trainer:
     steps_per_epoch: int
     world_size: int
     logger: object
+    rank: int = 0
+    stop: Optional[preemption.StopSignals] = None  # set while the epoch loop runs
+    best_acc1: Optional[float] = None  # the best validation top-1 so far
     reporter: Optional[reporting.Reporter] = None  # default: rank 0 reports, on stdout
 
     def __post_init__(self):
         if self.reporter is None:
-            rank = dist.get_rank() if self.world_size > 1 else 0
-            self.reporter = reporting.Reporter(self.config, self.logger, rank)
+            self.reporter = reporting.Reporter(self.config, self.logger, self.rank)
+
+    @property
+    def global_batch_size(self) -> int:
+        return global_batch_size(self.config, self.world_size)
 
 
-def train_one_epoch(trainer: Trainer, loader, epoch: int) -> Tuple[float, float]:
+def train_one_epoch(trainer: Trainer, loader, epoch: int,
+                    resumed: Optional[checkpoint.ResumePoint] = None) -> Tuple[float, float]:
     """Train one epoch (numbered from 1); return the mean loss and top-1 accuracy
-    over all processes. Accuracy under mixup is against the unmixed labels."""
+    over all processes. Accuracy under mixup is against the unmixed labels.
+
+    `resumed`: continue the epoch after its first `resumed.step` optimizer steps,
+    with their loss and accuracy (the loader must start there: `datasets.set_epoch`).
+    """
     config = trainer.config
     accum = config.TRAIN.ACCUM_ITER
     micro_steps = trainer.steps_per_epoch * accum  # a last incomplete accumulation is dropped
     num_epochs = config.TRAIN.NUM_EPOCHS
     trainer.net.train()
-    loss_meter, acc_meter = AverageMeter(), AverageMeter()
-    start = time.time()
-    for step, (images, labels) in enumerate(loader):
+    first_step = resumed.step * accum if resumed else 0
+    loss_meter = resumed.meter('loss') if resumed else AverageMeter()
+    acc_meter = resumed.meter('acc1') if resumed else AverageMeter()
+    start, start_count = time.time(), loss_meter.count
+    for step, (images, labels) in enumerate(loader, first_step):
         if step >= micro_steps:
             break
+        seed_everything(step_seed(config.SEED, epoch, step, trainer.rank))
+        if trainer.mixup is not None:
+            trainer.mixup.set_epoch(epoch, step)
         targets = labels
         if trainer.mixup is not None:
             images, targets = trainer.mixup(images, labels)
@@ -263,8 +282,8 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int) -> Tuple[float, float]
         loss_meter.update(loss_sum / count, int(count))
         acc_meter.update(correct / count, int(count))
         elapsed = time.time() - start
-        left = elapsed / (step + 1) * ((micro_steps - step - 1) + micro_steps * (num_epochs - epoch))
-        lr, images_per_s = trainer.optimizer.get_lr(), loss_meter.count / elapsed
+        left = elapsed / (step + 1 - first_step) * ((micro_steps - step - 1) + micro_steps * (num_epochs - epoch))
+        lr, images_per_s = trainer.optimizer.get_lr(), (loss_meter.count - start_count) / elapsed
         trainer.reporter.train_step(
             epoch, step + 1, micro_steps,
             f'Epoch[{epoch:03d}/{num_epochs:03d}], Step[{step + 1:04d}/{micro_steps:04d}], '
@@ -273,6 +292,9 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int) -> Tuple[float, float]
             f'LR: {lr:.6e}, {images_per_s:.1f} images/s, time left: {format_seconds(left)}',
             loss=loss_sum / count, acc1=correct / count, loss_avg=loss_meter.avg, lr=lr,
             images_per_s=images_per_s, seconds_left=left)
+        if update:
+            checkpoint.after_optimizer_step(trainer, epoch, (step + 1) // accum,
+                                            {'loss': loss_meter, 'acc1': acc_meter})
     return loss_meter.avg, acc_meter.avg
 
 
@@ -309,136 +331,6 @@ def format_validation(metrics: Dict[str, float], prefix: str = '') -> str:
             f'Validation Acc@5: {metrics["acc5"]:.4f} ({metrics["count"]} images)')
 
 
-def _rename_optimizer_state(state: dict, names: Dict[str, str]) -> dict:
-    """Rename the per-parameter entries of an optimizer state dict through `names`.
-
-    Paddle keys optimizer state by parameter names such as `linear_3.w_0`, which
-    depend on how many layers the process built before; checkpoints store the
-    model's structured names instead (`stages.0.patch_embed.proj.weight`).
-    Keys are `<param name>_<accumulator>`, e.g. `linear_3.w_0_moment1_0`.
-    """
-    def rename(key: str) -> str:
-        start = key.rfind('.') + 1
-        for pos in (i for i, ch in enumerate(key) if ch == '_' and i >= start):
-            if key[:pos] in names:
-                return names[key[:pos]] + key[pos:]
-        return names.get(key, key)
-
-    renamed = {}
-    for key, value in state.items():
-        if key == 'master_weights' and isinstance(value, dict):
-            renamed[key] = {names.get(k, k): v for k, v in value.items()}
-        elif key == 'LR_Scheduler':
-            renamed[key] = value
-        else:
-            renamed[rename(key)] = value
-    return renamed
-
-
-def _write_atomically(obj, path: str) -> None:
-    """paddle.save to a temporary file, flush it to disk, then rename it over
-    `path`: a reader (or a process killed meanwhile) never sees half a file."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    paddle.save(obj, tmp)
-    with open(tmp, 'rb') as written:
-        os.fsync(written.fileno())
-    os.replace(tmp, path)
-
-
-def checkpoint_prefix(config, epoch: int, loss: float) -> str:
-    """PaddleViT's naming: <SAVE>/<MODEL.TYPE>-Epoch-<N>-Loss-<train loss>."""
-    return os.path.join(config.SAVE, f'{config.MODEL.TYPE}-Epoch-{epoch}-Loss-{loss:.4f}')
-
-
-def save_checkpoint(trainer: Trainer, epoch: int, loss: float) -> str:
-    """Write `<prefix>.pdparams` (weights), `<prefix>.pdopt` (the training state)
-    and with EMA `<prefix>-EMA.pdparams`; return the .pdparams path.
-
-    Each file is written atomically and the .pdparams last, so a .pdparams file
-    always has its complete companions.
-    """
-    prefix = checkpoint_prefix(trainer.config, epoch, loss)
-    if trainer.ema is not None:
-        _write_atomically(trainer.ema.module.state_dict(), prefix + '-EMA.pdparams')
-    structured = {p.name: n for n, p in trainer.model.named_parameters()}
-    _write_atomically({
-        'format': TRAIN_STATE_FORMAT,
-        'epoch': epoch,
-        'optimizer': _rename_optimizer_state(trainer.optimizer.state_dict(), structured),
-        'lr_schedule': trainer.lr_schedule.state_dict(),
-        'scaler': trainer.scaler.state_dict(),
-        'global_batch_size': global_batch_size(trainer.config, trainer.world_size),
-    }, prefix + '.pdopt')
-    _write_atomically(trainer.model.state_dict(), prefix + '.pdparams')
-    return prefix + '.pdparams'
-
-
-def _load_weights_exactly(model: nn.Layer, path: str) -> None:
-    try:
-        cvt.load_pretrained(model, path, allow_other_head=False)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-
-
-def resume(trainer: Trainer, path: str, last_epoch: int = 0) -> int:
-    """Restore a checkpoint written by `save_checkpoint`; return the epochs done.
-
-    `path` may omit `.pdparams`. A PaddleViT `.pdopt` (a bare optimizer state)
-    also loads, with the epoch from `last_epoch`; a nonzero `last_epoch`
-    overrides the checkpoint's epoch in any case.
-    """
-    params_path = cvt.resolve_weights_path(path)
-    prefix = params_path[:-len('.pdparams')]
-    state_path = prefix + '.pdopt'
-    if not os.path.isfile(state_path):
-        raise UsageError(f'{state_path} not found: -resume needs the training state beside the weights '
-                         f'(use -pretrained to start a new training from weights only)')
-    _load_weights_exactly(trainer.model, params_path)
-    state = paddle.load(state_path)
-    log = trainer.logger.info
-    if isinstance(state, dict) and state.get('format') == TRAIN_STATE_FORMAT:
-        param_names = {n: p.name for n, p in trainer.model.named_parameters()}
-        trainer.optimizer.set_state_dict(_rename_optimizer_state(state['optimizer'], param_names))
-        trainer.lr_schedule.set_state_dict(state['lr_schedule'])
-        if state['scaler']:
-            trainer.scaler.load_state_dict(state['scaler'])
-        epoch = state['epoch']
-        global_batch = global_batch_size(trainer.config, trainer.world_size)
-        if state['global_batch_size'] != global_batch:
-            log(f'note: the checkpoint trained with a global batch of {state["global_batch_size"]}, '
-                f'this run uses {global_batch}')
-    else:
-        if not last_epoch:
-            raise UsageError(f'{state_path} holds only optimizer state (PaddleViT format): '
-                             f'give the epoch it ended with -last_epoch N')
-        # a key of one of this model's parameters renames to '_<accumulator>'
-        renamed = _rename_optimizer_state(state, {p.name: '' for p in trainer.model.parameters()})
-        if all(key.startswith('_') or key in ('LR_Scheduler', 'master_weights') for key in renamed):
-            # Paddle refuses an optimizer state without the schedule's; the epoch sets its position below
-            trainer.optimizer.set_state_dict({'LR_Scheduler': trainer.lr_schedule.state_dict(), **state})
-        else:
-            log(f'{state_path}: its parameter names are another process\'s; AdamW\'s moments restart '
-                f'from zero (weights, epoch and LR schedule are restored)')
-        epoch = last_epoch
-    if last_epoch and last_epoch != epoch:
-        log(f'-last_epoch {last_epoch} overrides the checkpoint\'s epoch {epoch}')
-        epoch = last_epoch
-    position = epoch * trainer.steps_per_epoch
-    if trainer.lr_schedule.last_epoch != position:
-        # another epoch (-last_epoch), batch or process count: the schedule follows the epoch
-        trainer.lr_schedule.last_epoch = position
-        trainer.lr_schedule.last_lr = trainer.lr_schedule.get_lr()
-    if trainer.ema is not None:
-        ema_path = prefix + '-EMA.pdparams'
-        if os.path.isfile(ema_path):
-            _load_weights_exactly(trainer.ema.module, ema_path)
-        else:
-            trainer.ema.module.set_state_dict(trainer.model.state_dict())
-            log(f'{ema_path} not found: the EMA restarts from the resumed weights')
-    log(f'resumed from {params_path} after epoch {epoch}')
-    return epoch
-
-
 def _check_data_sizes(config, train_set, val_set, world_size: int) -> None:
     if config.DATA.BATCH_SIZE_EVAL > len(val_set):
         raise UsageError(f'DATA.BATCH_SIZE_EVAL = {config.DATA.BATCH_SIZE_EVAL} is larger than the val set '
@@ -457,11 +349,13 @@ def check_paths(config) -> None:
     if not os.path.isdir(config.DATA.DATA_PATH):
         raise UsageError(f'-data_path {config.DATA.DATA_PATH}: folder not found')
     for flag, path in (('-pretrained', config.MODEL.PRETRAINED), ('-resume', config.MODEL.RESUME)):
-        if path:
+        if path and not (flag == '-resume' and path == checkpoint.AUTO):
             try:
                 cvt.resolve_weights_path(path)
             except FileNotFoundError as err:
                 raise UsageError(f'{flag}: {err}') from None
+    if config.EVAL and config.MODEL.RESUME == checkpoint.AUTO:
+        raise UsageError('-resume auto is for training; -eval takes the weights with -pretrained PATH')
     if config.EVAL and not (config.MODEL.PRETRAINED or config.MODEL.RESUME):
         raise UsageError('-eval needs the weights to evaluate: -pretrained PATH')
     if config.VISUALDL and not config.EVAL:
@@ -532,7 +426,7 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
     if config.EVAL:
         reporter.log_settings(**settings)
         if config.MODEL.RESUME and not config.MODEL.PRETRAINED:
-            _load_weights_exactly(model, cvt.resolve_weights_path(config.MODEL.RESUME))
+            checkpoint.load_weights_exactly(model, cvt.resolve_weights_path(config.MODEL.RESUME))
         start = time.time()
         metrics = validate(model, val_loader, world_size, expected_count=len(val_set),
                            progress=reporter.eval_progress(len(val_loader)))
@@ -541,16 +435,19 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
         return {'val': metrics}
 
     steps_per_epoch = len(train_loader) // config.TRAIN.ACCUM_ITER
-    trainer = build_trainer(config, model, mixup, steps_per_epoch, world_size, logger)
+    trainer = build_trainer(config, model, mixup, steps_per_epoch, world_size, logger, rank)
     trainer.reporter = reporter
-    epochs_done = resume(trainer, config.MODEL.RESUME, config.TRAIN.LAST_EPOCH) if config.MODEL.RESUME else 0
+    resumed = checkpoint.resume(trainer, config.MODEL.RESUME, config.TRAIN.LAST_EPOCH) \
+        if config.MODEL.RESUME else None
+    epochs_done = resumed.epoch if resumed else 0
     reporter.log_settings(**settings, epochs_done=epochs_done)
     logger.info(f'training epochs {epochs_done + 1}-{config.TRAIN.NUM_EPOCHS}: {steps_per_epoch} steps of '
                 f'{global_batch_size(config, world_size)} images each, peak LR {trainer.lr_schedule.peak_lr:.3e}',
                 extra=FILE_ONLY)
     reporter.start_training(epochs_done)
     try:
-        return fit(trainer, train_loader, val_loader, len(val_set), epochs_done + 1, rank)
+        with preemption.StopSignals() as trainer.stop:
+            return fit(trainer, train_loader, val_loader, len(val_set), epochs_done + 1, resumed)
     finally:
         reporter.close()
 
@@ -584,7 +481,8 @@ def build_criterion(config, mixup_active: bool, logger) -> nn.Layer:
                                    config.TRAIN.DISTILLATION_ALPHA, config.TRAIN.DISTILLATION_TAU)
 
 
-def build_trainer(config, model: nn.Layer, mixup, steps_per_epoch: int, world_size: int, logger) -> Trainer:
+def build_trainer(config, model: nn.Layer, mixup, steps_per_epoch: int, world_size: int, logger,
+                  rank: int = 0) -> Trainer:
     """Optimizer, schedule, loss, loss scaler, EMA and the process wrapper around `model`."""
     use_amp = config.AMP and _use_gpu()
     if config.AMP and not use_amp:
@@ -597,22 +495,24 @@ def build_trainer(config, model: nn.Layer, mixup, steps_per_epoch: int, world_si
         optimizer=build_optimizer(config, model, lr_schedule), lr_schedule=lr_schedule,
         scaler=paddle.amp.GradScaler(enable=use_amp),
         criterion=build_criterion(config, mixup is not None, logger), mixup=mixup, ema=ema,
-        autocast=use_amp, steps_per_epoch=steps_per_epoch, world_size=world_size, logger=logger)
+        autocast=use_amp, steps_per_epoch=steps_per_epoch, world_size=world_size, logger=logger, rank=rank)
 
 
-def fit(trainer: Trainer, train_loader, val_loader, val_size: int, first_epoch: int, rank: int
-        ) -> Dict[str, object]:
-    """The epoch loop from `first_epoch` to TRAIN.NUM_EPOCHS: train, validate, save."""
+def fit(trainer: Trainer, train_loader, val_loader, val_size: int, first_epoch: int,
+        resumed: Optional[checkpoint.ResumePoint] = None) -> Dict[str, object]:
+    """The epoch loop from `first_epoch` to TRAIN.NUM_EPOCHS: train, validate, save.
+
+    `resumed`: where in `first_epoch` a mid-epoch checkpoint left off."""
     config, logger, world_size = trainer.config, trainer.logger, trainer.world_size
     num_epochs = config.TRAIN.NUM_EPOCHS
     result: Dict[str, object] = {'checkpoint': None}
     for epoch in range(first_epoch, num_epochs + 1):
-        seed_everything(epoch_seed(config.SEED, epoch, rank))
-        datasets.set_epoch(train_loader, epoch)
-        if trainer.mixup is not None:
-            trainer.mixup.set_epoch(epoch)
+        # a mid-epoch checkpoint continues its epoch at the next batch
+        resumed_here = resumed if epoch == first_epoch and resumed and resumed.step else None
+        first_batch = resumed_here.step * config.TRAIN.ACCUM_ITER if resumed_here else 0
+        datasets.set_epoch(train_loader, epoch, first_batch)
         start = time.time()
-        train_loss, train_acc = train_one_epoch(trainer, train_loader, epoch)
+        train_loss, train_acc = train_one_epoch(trainer, train_loader, epoch, resumed_here)
         average_batchnorm_statistics(trainer.model, world_size)
         if trainer.ema is not None:
             average_batchnorm_statistics(trainer.ema.module, world_size)
@@ -633,13 +533,8 @@ def fit(trainer: Trainer, train_loader, val_loader, val_size: int, first_epoch: 
                 result['val_ema'] = validate(trainer.ema.module, val_loader, world_size, expected_count=val_size)
                 logger.info(f'----- Epoch[{epoch:03d}/{num_epochs:03d}], '
                             f'{format_validation(result["val_ema"], prefix="EMA ")}', extra=FILE_ONLY)
-        saved = None
-        if epoch % config.SAVE_FREQ == 0 or last:
-            if rank == 0:
-                saved = result['checkpoint'] = save_checkpoint(trainer, epoch, train_loss)
-                logger.info(f'----- saved {result["checkpoint"]}', extra=FILE_ONLY)
-            if world_size > 1:
-                dist.barrier()
+        saved = checkpoint.end_of_epoch(trainer, epoch, train_loss, result['val']['acc1'] if validated else None)
+        result['checkpoint'] = saved or result['checkpoint']
         trainer.reporter.end_epoch(epoch, train_loss=train_loss, train_acc1=train_acc, lr=lr,
                                    seconds=train_seconds, val=result['val'] if validated else None,
                                    val_ema=result.get('val_ema') if validated else None, checkpoint=saved)

@@ -3,7 +3,8 @@
     python main_multi_gpu.py -cfg ... -data_path ... [-ngpus N]
         starts N processes on this machine (paddle.distributed.spawn); default:
         one per visible GPU; without a CUDA GPU, N processes (default 1) on the
-        CPU, which communicate through gloo.
+        CPU, which communicate through gloo. SIGTERM or SIGINT to this process
+        reaches the training processes, which stop together after a checkpoint.
     python -m paddle.distributed.launch --nnodes 2 --master IP:PORT --nproc_per_node 8 \\
         main_multi_gpu.py -cfg ... -data_path ...
         runs each launched process directly (one or several machines).
@@ -22,6 +23,7 @@ import paddle  # noqa: E402
 import paddle.distributed as dist  # noqa: E402
 
 import engine  # noqa: E402
+import preemption  # noqa: E402
 import utils  # noqa: E402
 from config import get_config, update_config  # noqa: E402
 
@@ -63,13 +65,20 @@ def main() -> None:
         # the processes share the cores instead of each claiming all of them
         threads = str(max(1, len(os.sched_getaffinity(0)) // nprocs))
         os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = threads
-    try:
-        dist.spawn(worker, args=(config,), nprocs=nprocs, backend='gloo' if on_cpu else 'nccl')
-    except Exception as err:  # spawn reports a child's exit code only in the message
-        code = re.search(r'terminated with exit code (\d+)', str(err))
-        if code is None:
-            raise
-        sys.exit(int(code.group(1)))
+    with preemption.deferred_stop_requests():
+        processes = dist.spawn(worker, args=(config,), nprocs=nprocs, backend='gloo' if on_cpu else 'nccl',
+                               join=False)
+    with preemption.ForwardStopSignals([p.pid for p in processes.processes]) as stop:
+        try:
+            while not processes.join():
+                pass
+        except Exception as err:  # spawn reports a child's exit code only in the message
+            code = re.search(r'terminated with exit code (\d+)', str(err))
+            if code is None:
+                raise
+            sys.exit(stop.code or int(code.group(1)))
+    if stop.code:
+        sys.exit(stop.code)
 
 
 if __name__ == '__main__':

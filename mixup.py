@@ -7,8 +7,9 @@ is clipped to the image. Modes: 'batch' draws one lam (and one box) for the
 batch, 'pair' one per partner pair, 'elem' one per sample. With an odd batch
 the middle sample is its own partner, so it stays as it is.
 
-Random draws come from a generator seeded from (seed, epoch, rank): call
-``set_epoch`` at the start of every epoch so a resumed run mixes the same way.
+Random draws come from a generator seeded from (seed, epoch, step, rank): call
+``set_epoch(epoch, step)`` before every batch so a resumed run, even one resumed
+in the middle of an epoch, mixes the same way.
 """
 
 from typing import Optional, Tuple
@@ -81,9 +82,9 @@ class Mixup:
         self.seed, self.rank = int(seed), int(rank)
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Restart the random draws for `epoch`."""
-        self.rng = np.random.default_rng([self.seed, int(epoch), self.rank])
+    def set_epoch(self, epoch: int, step: int = 0) -> None:
+        """Restart the random draws for batch `step` of `epoch`."""
+        self.rng = np.random.default_rng([self.seed, int(epoch), int(step), self.rank])
 
     def draw(self, count: int) -> Tuple[np.ndarray, np.ndarray]:
         """(lam, use_cutmix) for `count` independent mixes; lam = 1 means unmixed."""

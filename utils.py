@@ -17,6 +17,14 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class TrainingStopped(Exception):
+    """A stop signal ended training after a checkpoint; `code` is the exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 # `extra=` of a log call that only the log file gets (the full config, step lines
 # under a progress bar), or only the terminal (its short summaries)
 FILE_ONLY = {'destination': 'file'}
@@ -54,7 +62,8 @@ def get_arguments(description: str) -> argparse.Namespace:
     parser.add_argument('-pretrained', type=str, default=None,
                         help='weights to evaluate or fine-tune from (.pdparams optional)')
     parser.add_argument('-resume', type=str, default=None,
-                        help='checkpoint to continue training from (.pdparams optional)')
+                        help='checkpoint to continue training from (.pdparams optional), or auto: '
+                             'the newest whole one in -output, if any')
     parser.add_argument('-last_epoch', type=int, default=None,
                         help='epoch the -resume checkpoint ended; default: read from the checkpoint')
     parser.add_argument('-eval', action='store_true', help='only evaluate -pretrained on the val set')
@@ -133,8 +142,9 @@ def fail(message: str, code: int = 2, quiet: bool = False) -> NoReturn:
 def report_errors(func: Callable[..., None], *args, quiet: bool = False, **kwargs) -> None:
     """Run `func`; turn the expected errors into one line on stderr and an exit code.
 
-    Usage errors exit with 2, a non-finite loss with 1; anything else is a bug and
-    keeps its traceback. `quiet` leaves the message of a usage error to another
+    Usage errors exit with 2, a non-finite loss with 1, a run stopped by a signal
+    (its line already logged) with 143 or 130; anything else is a bug and keeps
+    its traceback. `quiet` leaves the message of a usage error to another
     process that hits the same (deterministic) problem.
     """
     try:
@@ -143,3 +153,5 @@ def report_errors(func: Callable[..., None], *args, quiet: bool = False, **kwarg
         fail(str(err), quiet=quiet)
     except NonFiniteLossError as err:
         fail(str(err), code=1)
+    except TrainingStopped as err:
+        sys.exit(err.code)

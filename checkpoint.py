@@ -1,0 +1,485 @@
+"""Training checkpoints: written whole, found again, resumed from exactly, pruned.
+
+Files in the output folder (SAVE), named after MODEL.TYPE (here CvT):
+
+* ``CvT-Epoch-<N>-Loss-<train loss>``: after epoch N (PaddleViT's naming);
+* ``CvT-Epoch-<N>-Step-<S>``: S optimizer steps into epoch N (every SAVE_STEP_FREQ
+  steps, and when a stop signal ends the run); each replaces the one before;
+* ``CvT-best.pdparams``: the weights with the best validation top-1 so far.
+
+A checkpoint is ``<prefix>.pdparams`` (weights), ``<prefix>.pdopt`` (the
+training state: optimizer, LR schedule position, loss scaler, epoch, step, the
+epoch's running loss and accuracy, the best top-1, and with several processes
+each one's BatchNorm statistics) and with EMA ``<prefix>-EMA.pdparams``. Every
+file is written under a temporary name, flushed and renamed, the .pdparams
+last; deletion removes the .pdparams first. `-resume auto` takes the newest
+checkpoint whose files are all there and all load, so a torn or partial one
+(killed during a save, a truncated copy) is never resumed from.
+
+The data position needs no state: the loader's order and every sample's
+augmentation derive from (SEED, epoch, index), and the engine reseeds its random
+generators at every step from (SEED, epoch, step, rank); the sampler starts at
+the saved step (`datasets.set_epoch`).
+"""
+
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+import cvt
+from utils import FILE_ONLY, AverageMeter, TrainingStopped, UsageError
+
+TRAIN_STATE_FORMAT = 'cvt-train-state/1'
+BATCHNORM_STATISTICS = ('._mean', '._variance')
+AUTO = 'auto'  # -resume auto
+# <TYPE>-Epoch-<N>-Loss-<loss> or <TYPE>-Epoch-<N>-Step-<S>, without the extension
+NAME_TAIL = re.compile(r'-Epoch-(\d+)-(?:Loss-[\d.]+|Step-(\d+))$')
+
+
+class UnreadableCheckpoint(Exception):
+    """A checkpoint file is missing or does not load."""
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: `epoch` epochs done, then `step` optimizer
+    steps of the next one, whose running loss and accuracy were `meters`."""
+    epoch: int
+    step: int = 0
+    meters: Dict[str, Tuple[float, int]] = field(default_factory=dict)
+
+    def meter(self, name: str) -> AverageMeter:
+        meter = AverageMeter()
+        meter.sum, meter.count = self.meters.get(name, (0.0, 0))
+        return meter
+
+
+@dataclass
+class Checkpoint:
+    """The loaded files of one checkpoint."""
+    prefix: str
+    state: object  # the .pdopt: our training state, or a PaddleViT optimizer state
+    ema_path: Optional[str]
+
+
+# ------------------------------------------------------------------ writing
+
+def _write_atomically(obj, path: str) -> None:
+    """paddle.save to a temporary file, flush it to disk, then rename it over
+    `path`: a reader (or a process killed meanwhile) never sees half a file."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    paddle.save(obj, tmp)
+    with open(tmp, 'rb') as written:
+        os.fsync(written.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself reaches the disk
+    finally:
+        os.close(folder)
+
+
+def _rename_optimizer_state(state: dict, names: Dict[str, str]) -> dict:
+    """Rename the per-parameter entries of an optimizer state dict through `names`.
+
+    Paddle keys optimizer state by parameter names such as `linear_3.w_0`, which
+    depend on how many layers the process built before; checkpoints store the
+    model's structured names instead (`stages.0.patch_embed.proj.weight`).
+    Keys are `<param name>_<accumulator>`, e.g. `linear_3.w_0_moment1_0`.
+    """
+    def rename(key: str) -> str:
+        start = key.rfind('.') + 1
+        for pos in (i for i, ch in enumerate(key) if ch == '_' and i >= start):
+            if key[:pos] in names:
+                return names[key[:pos]] + key[pos:]
+        return names.get(key, key)
+
+    renamed = {}
+    for key, value in state.items():
+        if key == 'master_weights' and isinstance(value, dict):
+            renamed[key] = {names.get(k, k): v for k, v in value.items()}
+        elif key == 'LR_Scheduler':
+            renamed[key] = value
+        else:
+            renamed[rename(key)] = value
+    return renamed
+
+
+def checkpoint_prefix(config, epoch: int, loss: float) -> str:
+    """PaddleViT's naming: <SAVE>/<MODEL.TYPE>-Epoch-<N>-Loss-<train loss>."""
+    return os.path.join(config.SAVE, f'{config.MODEL.TYPE}-Epoch-{epoch}-Loss-{loss:.4f}')
+
+
+def step_checkpoint_prefix(config, epoch: int, step: int) -> str:
+    """<SAVE>/<MODEL.TYPE>-Epoch-<N>-Step-<S>: S optimizer steps into epoch N."""
+    return os.path.join(config.SAVE, f'{config.MODEL.TYPE}-Epoch-{epoch}-Step-{step}')
+
+
+def best_path(config) -> str:
+    return os.path.join(config.SAVE, f'{config.MODEL.TYPE}-best.pdparams')
+
+
+def _buffers(layer: paddle.nn.Layer) -> Dict[str, paddle.Tensor]:
+    """The BatchNorm running statistics (Paddle keeps them as parameters)."""
+    return {name: value for name, value in layer.state_dict().items()
+            if name.endswith(BATCHNORM_STATISTICS)}
+
+
+def _gather_buffers(trainer) -> List[Dict[str, Dict[str, np.ndarray]]]:
+    """Every process's buffers of the model and the EMA, by rank (a collective).
+
+    Processes gather BatchNorm statistics from their own data and average them at
+    the end of an epoch only, so mid-epoch each process's own are needed.
+    """
+    layers = {'model': trainer.model}
+    if trainer.ema is not None:
+        layers['ema'] = trainer.ema.module
+    named = [(layer, name, value) for layer, module in layers.items()
+             for name, value in _buffers(module).items()]
+    if not named:
+        return []
+    flat = paddle.concat([value.astype('float64').reshape([-1]) for _, _, value in named])
+    gathered: List[paddle.Tensor] = []
+    dist.all_gather(gathered, flat)
+    by_rank = []
+    for tensor in gathered:
+        values, offset, buffers = tensor.numpy(), 0, {layer: {} for layer in layers}
+        for layer, name, value in named:
+            size = int(np.prod(value.shape))
+            buffers[layer][name] = values[offset:offset + size].reshape(value.shape).astype(
+                str(value.numpy().dtype))
+            offset += size
+        by_rank.append(buffers)
+    return by_rank
+
+
+def _training_state(trainer, epoch: int, step: int, meters: Dict[str, AverageMeter]) -> dict:
+    structured = {p.name: n for n, p in trainer.model.named_parameters()}
+    return {
+        'format': TRAIN_STATE_FORMAT,
+        'epoch': epoch,
+        'step': step,
+        'meters': {name: (meter.sum, meter.count) for name, meter in meters.items()},
+        'best_acc1': trainer.best_acc1,
+        'optimizer': _rename_optimizer_state(trainer.optimizer.state_dict(), structured),
+        'lr_schedule': trainer.lr_schedule.state_dict(),
+        'scaler': trainer.scaler.state_dict(),
+        'ema': trainer.ema is not None,
+        'global_batch_size': trainer.global_batch_size,
+    }
+
+
+def _write_checkpoint(trainer, prefix: str, state: dict) -> str:
+    """The EMA and state files, then the .pdparams; return the .pdparams path."""
+    if trainer.ema is not None:
+        _write_atomically(trainer.ema.module.state_dict(), prefix + '-EMA.pdparams')
+    _write_atomically(state, prefix + '.pdopt')
+    _write_atomically(trainer.model.state_dict(), prefix + '.pdparams')
+    return prefix + '.pdparams'
+
+
+def save_checkpoint(trainer, epoch: int, loss: float) -> str:
+    """Write the checkpoint after epoch `epoch` (rank 0 only; every process has
+    the same weights and BatchNorm statistics then); return its .pdparams path."""
+    state = _training_state(trainer, epoch, 0, {})
+    path = _write_checkpoint(trainer, checkpoint_prefix(trainer.config, epoch, loss), state)
+    prune(trainer.config, path)
+    return path
+
+
+def save_step_checkpoint(trainer, epoch: int, step: int, meters: Dict[str, AverageMeter]) -> Optional[str]:
+    """Write the checkpoint `step` optimizer steps into epoch `epoch` (numbered
+    from 1). Every process calls it; rank 0 writes and gets the .pdparams path."""
+    state = _training_state(trainer, epoch - 1, step, meters)
+    if trainer.world_size > 1:
+        state['rank_buffers'] = _gather_buffers(trainer) or None
+    path = None
+    if trainer.rank == 0:
+        path = _write_checkpoint(trainer, step_checkpoint_prefix(trainer.config, epoch, step), state)
+        prune(trainer.config, path)
+    if trainer.world_size > 1:
+        dist.barrier()
+    return path
+
+
+def save_best(trainer, epoch: int, acc1: float) -> None:
+    """Keep the weights of the best validation top-1 so far as <TYPE>-best.pdparams."""
+    if trainer.best_acc1 is not None and acc1 <= trainer.best_acc1:
+        return
+    trainer.best_acc1 = acc1
+    if trainer.rank == 0:
+        path = best_path(trainer.config)
+        _write_atomically(trainer.model.state_dict(), path)
+        trainer.logger.info(f'----- best Acc@1 so far ({acc1:.4f}, epoch {epoch}): saved {path}', extra=FILE_ONLY)
+
+
+# ------------------------------------------------------------------ finding and pruning
+
+def _progress(prefix: str) -> Optional[Tuple[int, int]]:
+    """(epochs done, steps into the next) from a checkpoint name, or None if not one."""
+    match = NAME_TAIL.search(prefix)
+    if match is None:
+        return None
+    epoch = int(match.group(1))
+    return (epoch - 1, int(match.group(2))) if match.group(2) is not None else (epoch, 0)
+
+
+def list_checkpoints(folder: str, model_type: str) -> List[str]:
+    """Prefixes of the checkpoints with a .pdparams in `folder`, newest first."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(model_type) + '-Epoch-*.pdparams')):
+        prefix = path[:-len('.pdparams')]
+        position = _progress(prefix)
+        if position is not None and os.path.basename(prefix).startswith(model_type + '-Epoch-'):
+            found.append((position, os.path.getmtime(path), prefix))
+    return [prefix for *_, prefix in sorted(found, reverse=True)]
+
+
+def _delete(prefix: str) -> None:
+    """Remove a checkpoint, its .pdparams first so that it is never seen half removed."""
+    for suffix in ('.pdparams', '.pdopt', '-EMA.pdparams'):
+        if os.path.exists(prefix + suffix):
+            os.remove(prefix + suffix)
+
+
+def _remove_stale_temporaries(folder: str, model_type: str) -> None:
+    """Temporary files of saves that a killed process left behind."""
+    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(model_type) + '-*.tmp*')):
+        pid = path.rsplit('.tmp', 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            os.remove(path)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_mid_epoch(prefix: str) -> bool:
+    return NAME_TAIL.search(prefix).group(2) is not None
+
+
+def prune(config, newest: str) -> None:
+    """After `newest` (a .pdparams path) is whole: delete the mid-epoch checkpoints
+    before it, the files of torn saves before it and, with KEEP_CHECKPOINTS = K,
+    all but the newest K epoch checkpoints."""
+    newest_prefix = newest[:-len('.pdparams')]
+    position = _progress(newest_prefix)
+    folder, model_type = config.SAVE, config.MODEL.TYPE
+    epoch_checkpoints = []
+    for prefix in list_checkpoints(folder, model_type):
+        if prefix == newest_prefix or _progress(prefix) > position:
+            continue  # newer files are another run's: not ours to judge
+        if _is_mid_epoch(prefix):
+            _delete(prefix)
+        else:
+            epoch_checkpoints.append(prefix)
+    if config.KEEP_CHECKPOINTS:
+        kept = config.KEEP_CHECKPOINTS - (0 if _is_mid_epoch(newest_prefix) else 1)
+        for prefix in epoch_checkpoints[kept:]:
+            _delete(prefix)
+    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(model_type) + '-Epoch-*')):
+        suffix = next((s for s in ('-EMA.pdparams', '.pdopt') if path.endswith(s)), None)
+        prefix = path[:-len(suffix)] if suffix else None
+        if prefix and not os.path.exists(prefix + '.pdparams') and (_progress(prefix) or position) < position:
+            _delete(prefix)  # the companions of a save killed before its .pdparams
+    _remove_stale_temporaries(folder, model_type)
+
+
+# ------------------------------------------------------------------ reading and resuming
+
+def read_checkpoint(params_path: str) -> Checkpoint:
+    """Load the files of the checkpoint whose weights are `params_path`, checking that
+    each is there and loads; raise UnreadableCheckpoint naming the file otherwise."""
+    prefix = params_path[:-len('.pdparams')]
+    state_path = prefix + '.pdopt'
+    if not os.path.isfile(state_path):
+        raise UnreadableCheckpoint(f'{state_path} not found: -resume needs the training state beside the '
+                                   f'weights (use -pretrained to start a new training from weights only)')
+    loaded = {}
+    for path in (params_path, state_path):
+        try:
+            loaded[path] = paddle.load(path)
+        except Exception as err:  # noqa: BLE001  (pickle and Paddle signal a torn file many ways)
+            raise UnreadableCheckpoint(f'{path}: cannot be loaded ({type(err).__name__}: {err})') from None
+    state = loaded[state_path]
+    ema_path = prefix + '-EMA.pdparams'
+    if isinstance(state, dict) and state.get('ema'):
+        try:
+            paddle.load(ema_path)
+        except Exception as err:  # noqa: BLE001
+            raise UnreadableCheckpoint(f'{ema_path}: missing or cannot be loaded '
+                                       f'({type(err).__name__}: {err})') from None
+    return Checkpoint(prefix, state, ema_path if os.path.isfile(ema_path) else None)
+
+
+def load_weights_exactly(model: paddle.nn.Layer, path: str) -> None:
+    """Load `path` into `model`; any other key or shape is a UsageError."""
+    try:
+        cvt.load_pretrained(model, path, allow_other_head=False)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _restore_training_state(trainer, state: dict) -> ResumePoint:
+    log = trainer.logger.info
+    param_names = {n: p.name for n, p in trainer.model.named_parameters()}
+    trainer.optimizer.set_state_dict(_rename_optimizer_state(state['optimizer'], param_names))
+    trainer.lr_schedule.set_state_dict(state['lr_schedule'])
+    if state['scaler']:
+        trainer.scaler.load_state_dict(state['scaler'])
+    trainer.best_acc1 = state.get('best_acc1')
+    point = ResumePoint(state['epoch'], state.get('step', 0), dict(state.get('meters', {})))
+    if state['global_batch_size'] != trainer.global_batch_size:
+        log(f'note: the checkpoint trained with a global batch of {state["global_batch_size"]}, '
+            f'this run uses {trainer.global_batch_size}')
+        if point.step:  # continue at the same image of the epoch's order, as near as batches allow
+            point.step = point.step * state['global_batch_size'] // trainer.global_batch_size
+    point.step = min(point.step, trainer.steps_per_epoch)
+    rank_buffers = state.get('rank_buffers')
+    if rank_buffers and len(rank_buffers) == trainer.world_size:
+        own = rank_buffers[trainer.rank]
+        _set_buffers(trainer.model, own['model'])
+        if trainer.ema is not None and 'ema' in own:
+            _set_buffers(trainer.ema.module, own['ema'])
+    elif rank_buffers:
+        log(f'note: the checkpoint ran {len(rank_buffers)} processes, this run {trainer.world_size}: '
+            f'every process continues with the BatchNorm statistics of its first')
+    return point
+
+
+def _set_buffers(layer: paddle.nn.Layer, values: Dict[str, np.ndarray]) -> None:
+    buffers = _buffers(layer)
+    for name, value in values.items():
+        buffers[name].set_value(value)
+
+
+def restore(trainer, checkpoint: Checkpoint, last_epoch: int = 0) -> ResumePoint:
+    """Put a read checkpoint into `trainer`; return where training continues.
+
+    A PaddleViT `.pdopt` (a bare optimizer state) also loads, with the epoch
+    from `last_epoch`; a nonzero `last_epoch` overrides the checkpoint's epoch
+    (and restarts that epoch's steps) in any case.
+    """
+    log = trainer.logger.info
+    params_path, state = checkpoint.prefix + '.pdparams', checkpoint.state
+    load_weights_exactly(trainer.model, params_path)
+    if trainer.ema is not None:
+        if checkpoint.ema_path:
+            load_weights_exactly(trainer.ema.module, checkpoint.ema_path)
+        else:
+            trainer.ema.module.set_state_dict(trainer.model.state_dict())
+            log(f'{checkpoint.prefix}-EMA.pdparams not found: the EMA restarts from the resumed weights')
+    if isinstance(state, dict) and state.get('format') == TRAIN_STATE_FORMAT:
+        point = _restore_training_state(trainer, state)
+    else:
+        if not last_epoch:
+            raise UsageError(f'{checkpoint.prefix}.pdopt holds only optimizer state (PaddleViT format): '
+                             f'give the epoch it ended with -last_epoch N')
+        # a key of one of this model's parameters renames to '_<accumulator>'
+        renamed = _rename_optimizer_state(state, {p.name: '' for p in trainer.model.parameters()})
+        if all(key.startswith('_') or key in ('LR_Scheduler', 'master_weights') for key in renamed):
+            # Paddle refuses an optimizer state without the schedule's; the epoch sets its position below
+            trainer.optimizer.set_state_dict({'LR_Scheduler': trainer.lr_schedule.state_dict(), **state})
+        else:
+            log(f'{checkpoint.prefix}.pdopt: its parameter names are another process\'s; AdamW\'s moments '
+                f'restart from zero (weights, epoch and LR schedule are restored)')
+        point = ResumePoint(last_epoch)
+    if last_epoch and last_epoch != point.epoch:
+        log(f'-last_epoch {last_epoch} overrides the checkpoint\'s epoch {point.epoch}')
+        point = ResumePoint(last_epoch)
+    position = point.epoch * trainer.steps_per_epoch + point.step
+    if trainer.lr_schedule.last_epoch != position:
+        # another epoch (-last_epoch), batch or process count: the schedule follows the position
+        trainer.lr_schedule.last_epoch = position
+        trainer.lr_schedule.last_lr = trainer.lr_schedule.get_lr()
+    where = f'epoch {point.epoch + 1}, step {point.step}' if point.step else f'after epoch {point.epoch}'
+    log(f'resumed from {params_path} ({where})')
+    return point
+
+
+def resume(trainer, path: str, last_epoch: int = 0) -> Optional[ResumePoint]:
+    """Restore the checkpoint at `path` (`.pdparams` optional), or with `path`
+    'auto' the newest whole one in SAVE; None when 'auto' finds none."""
+    if path == AUTO:
+        return resume_latest(trainer, last_epoch)
+    try:
+        checkpoint = read_checkpoint(cvt.resolve_weights_path(path))
+    except (UnreadableCheckpoint, FileNotFoundError) as err:
+        raise UsageError(f'-resume: {err}') from None
+    return restore(trainer, checkpoint, last_epoch)
+
+
+def resume_latest(trainer, last_epoch: int = 0) -> Optional[ResumePoint]:
+    """Restore the newest checkpoint in SAVE whose files all load, skipping (with a
+    line each) torn ones; None, with a line, when there is none."""
+    folder = trainer.config.SAVE
+    for prefix in list_checkpoints(folder, trainer.config.MODEL.TYPE):
+        try:
+            checkpoint = read_checkpoint(prefix + '.pdparams')
+        except UnreadableCheckpoint as err:
+            trainer.logger.info(f'-resume auto: skipping {os.path.basename(prefix)}, it is not whole: {err}')
+            continue
+        return restore(trainer, checkpoint, last_epoch)
+    trainer.logger.info(f'-resume auto: no checkpoint in {folder}, training from scratch')
+    return None
+
+
+# ------------------------------------------------------------------ the training loop's calls
+
+def after_optimizer_step(trainer, epoch: int, step: int, meters: Dict[str, AverageMeter]) -> None:
+    """Called by every process after each optimizer step (`step` of epoch `epoch`,
+    both from 1): writes the mid-epoch checkpoint every SAVE_STEP_FREQ steps, and
+    when a stop signal came to any process, writes it and raises TrainingStopped
+    in all of them at this same step."""
+    stop_code = trainer.stop.agreed_code(trainer.world_size) if trainer.stop is not None else 0
+    every = trainer.config.SAVE_STEP_FREQ
+    global_step = (epoch - 1) * trainer.steps_per_epoch + step
+    due = every > 0 and global_step % every == 0 and step < trainer.steps_per_epoch
+    if not (due or stop_code):
+        return
+    path = save_step_checkpoint(trainer, epoch, step, meters)
+    if stop_code:
+        stop(trainer, stop_code, f'epoch {epoch}, step {step}/{trainer.steps_per_epoch}', path)
+
+
+def stop(trainer, code: int, where: str, path: Optional[str]) -> None:
+    """Log the one line of a stopped run and raise TrainingStopped."""
+    trainer.logger.info(f'----- stopped by {trainer.stop.name(code)} at {where}: saved {path}; '
+                        f'run the same command with -resume auto to continue')
+    if trainer.world_size > 1:
+        dist.barrier()  # rank 0 has logged: the launcher may now end the others
+    raise TrainingStopped(f'stopped by {trainer.stop.name(code)}', code)
+
+
+def end_of_epoch(trainer, epoch: int, train_loss: float, val_acc1: Optional[float]) -> Optional[str]:
+    """After epoch `epoch` is trained and maybe validated (`val_acc1`): keep the
+    best weights, write the epoch checkpoint when SAVE_FREQ asks for it, at the
+    last epoch, or when a stop signal came meanwhile (then raise TrainingStopped).
+    Returns the checkpoint's path on rank 0."""
+    config = trainer.config
+    if val_acc1 is not None:
+        save_best(trainer, epoch, val_acc1)
+    last = epoch == config.TRAIN.NUM_EPOCHS
+    stop_code = trainer.stop.agreed_code(trainer.world_size) if trainer.stop is not None and not last else 0
+    path = None
+    if epoch % config.SAVE_FREQ == 0 or last or stop_code:
+        if trainer.rank == 0:
+            path = save_checkpoint(trainer, epoch, train_loss)
+            trainer.logger.info(f'----- saved {path}', extra=FILE_ONLY)
+        if trainer.world_size > 1:
+            dist.barrier()
+    if stop_code:
+        stop(trainer, stop_code, f'the end of epoch {epoch}', path)
+    return path
