@@ -17,7 +17,6 @@ import math
 import os
 import random
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -39,9 +38,6 @@ BATCH_NORMS = (nn.BatchNorm, nn.BatchNorm1D, nn.BatchNorm2D, nn.BatchNorm3D)
 # ops kept in float32 under float16 autocast: normalisation and attention weights
 FLOAT32_OPS = {'layer_norm', 'softmax'}
 TRAIN_STATE_FORMAT = 'cvt-train-state/1'
-
-# Paddle notes on every BatchNorm in training mode that it tracks running statistics
-warnings.filterwarnings('ignore', message='When training, we now always track global mean')
 
 
 class WarmupCosineSchedule(paddle.optimizer.lr.LRScheduler):

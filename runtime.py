@@ -1,7 +1,15 @@
-"""Process-wide runtime set-up, applied by every entry point before Paddle loads.
+"""Process-wide runtime set-up: `configure()`, which every entry point calls before Paddle loads.
 
-Import this module before `paddle` (``import runtime`` as the first project
-import). Settings the user has made in the environment are left as they are.
+Importing this module changes nothing; `configure()` sets the thread count,
+MKL's code path on AMD, OpenMP's spin time and glibc's allocator, and silences
+two of Paddle's notices. In a notebook or your own script, call it before
+``import paddle`` to get the same set-up as the project's scripts:
+
+    import runtime
+    runtime.configure()
+    import paddle
+
+Settings the user has made in the environment are left as they are.
 """
 
 import ctypes
@@ -58,8 +66,15 @@ def mkl_cpu_type(vendor: str, flags: FrozenSet[str]) -> Optional[str]:
     return None
 
 
-def configure_environment() -> None:
-    """Set thread and math-library variables; must run before Paddle is imported."""
+def configure() -> None:
+    """Set threads, MKL's code path, OpenMP's spin time and the allocator for this
+    process, and filter two of Paddle's notices; must run before Paddle is imported
+    (the environment variables are read when its libraries load)."""
+    # Paddle warns at import that its C++ extension builder found no ccache (this
+    # project builds no extensions), and notes at every BatchNorm in training mode
+    # that it tracks running statistics
+    warnings.filterwarnings('ignore', message='No ccache found')
+    warnings.filterwarnings('ignore', message='When training, we now always track global mean')
     # MKL's GEMMs take MKL_NUM_THREADS. OMP_NUM_THREADS is left to the user: MKL
     # does not need it, and Paddle prints a warning at import when it is above 1.
     os.environ.setdefault('MKL_NUM_THREADS', str(usable_cores()))
@@ -102,8 +117,3 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
-
-# Paddle warns at import that its C++ extension builder found no ccache; this
-# project builds no extensions
-warnings.filterwarnings('ignore', message='No ccache found')
-configure_environment()
