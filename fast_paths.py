@@ -68,8 +68,10 @@ def add_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int = -1) -> paddle.Te
 # ---- LayerNorm, MLP, token embedding -------------------------------------------------
 
 def layer_norm(norm: nn.LayerNorm, x: paddle.Tensor) -> paddle.Tensor:
-    """`norm` (over the last axis) through the threaded kernel where it is faster."""
-    if norm.weight is not None and norm.bias is not None and cpu_kernels.use('layer_norm', x):
+    """`norm` (over the last axis) through the threaded kernel when a gradient is
+    wanted: Paddle's CPU forward is as fast as the kernel's, its gradient is not."""
+    if (paddle.is_grad_enabled() and norm.weight is not None and norm.bias is not None
+            and cpu_kernels.use('layer_norm', x)):
         return cpu_kernels.layer_norm(x, norm.weight, norm.bias, norm._epsilon)
     return F.layer_norm(x, norm._normalized_shape, norm.weight, norm.bias, norm._epsilon)
 

@@ -3,6 +3,7 @@
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode infer
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode train
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -threads 1
+    python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode train -profile
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 64 -mode train -amp  # GPU
 
 It builds the model from the config, warms up, then times the real code paths:
@@ -42,6 +43,8 @@ def parse_arguments() -> argparse.Namespace:
                         help='run on this many cores, one thread each (default: all usable cores)')
     parser.add_argument('-warmup', type=int, default=3)
     parser.add_argument('-iters', type=int, default=10)
+    parser.add_argument('-profile', action='store_true',
+                        help="then run -iters more steps under Paddle's profiler and print the time per operator")
     return parser.parse_args()
 
 
@@ -88,6 +91,18 @@ def describe_machine() -> str:
             f'CPU kernels {kernels}')
 
 
+def profile(step, steps: int) -> None:
+    """Run `steps` steps under Paddle's profiler and print its table of time per operator
+    (forward ops and backward grad nodes; nested calls count in both)."""
+    import paddle.profiler as profiler
+    with profiler.Profiler(targets=[profiler.ProfilerTarget.CPU], on_trace_ready=lambda prof: None) as prof:
+        for _ in range(steps):
+            step()
+            sync()
+            prof.step()
+    prof.summary(sorted_by=profiler.SortedKeys.CPUTotal, op_detail=False, thread_sep=False, time_unit='ms')
+
+
 def main(args: argparse.Namespace) -> None:
     config = update_config(get_config(), argparse.Namespace(cfg=args.cfg, image_size=args.image_size))
 
@@ -127,6 +142,8 @@ def main(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - start)
     # the median step resists the odd slow step that other processes cause
     step_s = sorted(times)[len(times) // 2]
+    if args.profile:
+        profile(step, args.iters)
     print(describe_machine())
     print(f'paddle {paddle.__version__} on {paddle.get_device()}, {config.MODEL.NAME}, {args.mode}, '
           f'batch {args.batch_size}, {size}px, {"amp fp16" if args.amp else "fp32"}')
