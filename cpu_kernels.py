@@ -3,16 +3,22 @@
 Paddle's CPU kernels for depthwise convolution, softmax, LayerNorm's gradient,
 SiLU and bias gradients run on one thread, several times slower than the
 memory traffic allows; on a CvT they cost as much as all the matrix products.
-This module compiles the C file once per machine (``cc -O3 -march=native
--fopenmp``, about two seconds; the library is cached under ``CVT_CACHE_DIR``,
-default ``~/.cache/cvt-paddle``), loads it with ctypes and wraps each kernel
-in a ``PyLayer`` with its hand-written backward.
+This module compiles the C file once per machine and instruction set (about
+two seconds; the library is cached under ``CVT_CACHE_DIR``, default
+``~/.cache/cvt-paddle``), loads it with ctypes and wraps each kernel in a
+``PyLayer`` with its hand-written backward.
 
-`active(x)` says whether an op may take the kernel path for tensor `x`: in
-dynamic mode, float32, on the CPU, with the library built. Everywhere else
-(GPU, float16 autocast, static graphs for export, no C compiler, or
-``CVT_CPU_KERNELS=0`` in the environment) the callers use Paddle's own ops.
-A failed build warns once and falls back; it never stops a run.
+Builds: ``avx512`` (``-march=x86-64-v4``) on CPUs with AVX-512 F/CD/BW/DQ/VL,
+``avx2`` (``-march=x86-64-v3``) on those with AVX2 and FMA; none elsewhere
+(other CPUs run Paddle's ops). ``CVT_CPU_ISA=avx2`` forces the AVX2 build on an
+AVX-512 CPU (to test it, or to emulate an AVX2 machine); ``CVT_CPU_KERNELS=0``
+turns the kernels off.
+
+`use(name, x)` says whether the fast paths take kernel `name` for tensor `x`:
+in dynamic mode, float32, on the CPU, with the library built, and only where
+that kernel measured faster than Paddle's own op on this instruction set
+(`FASTER_THAN_PADDLE`, from tools/benchmark_kernels.py; docs/speed.md). A
+failed build warns once and falls back to Paddle's ops; it never stops a run.
 """
 
 import ctypes
@@ -32,17 +38,56 @@ from paddle.autograd import PyLayer
 from runtime import cpu_info, usable_cores
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_kernels.c')
-_FLAGS = ['-O3', '-march=native', '-fopenmp', '-fPIC', '-std=c99']
+# -fno-trapping-math lets gcc turn the clamps in exp_approx into vector selects on
+# AVX2 (AVX-512 has mask registers for them); without it the exp loops of softmax
+# and SiLU stay scalar there, 3x slower than Paddle's ops. Values, NaN included,
+# are unchanged: only floating-point exception flags, which nothing reads, differ.
+_FLAGS = ['-O3', '-fno-trapping-math', '-fopenmp', '-fPIC', '-std=c99']
+ISA_FLAGS = {'avx512': '-march=x86-64-v4', 'avx2': '-march=x86-64-v3'}
+# the CPU flags (/proc/cpuinfo) each -march level needs
+_ISA_CPU_FLAGS = {
+    'avx512': frozenset({'avx512f', 'avx512cd', 'avx512bw', 'avx512dq', 'avx512vl',
+                         'avx2', 'fma', 'bmi1', 'bmi2', 'f16c', 'movbe'}),
+    'avx2': frozenset({'avx2', 'fma', 'bmi1', 'bmi2', 'f16c', 'movbe'}),
+}
+
+# The kernels measured faster than Paddle's op, per build (tools/benchmark_kernels.py
+# on CvT-13's shapes, forward + backward; figures in docs/speed.md).
+KERNELS = ('depthwise_conv', 'softmax', 'layer_norm', 'silu', 'bias_grad')
+FASTER_THAN_PADDLE = {
+    'avx512': frozenset(KERNELS),
+    'avx2': frozenset(KERNELS),
+}
 
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
+_isa: Optional[str] = None  # the build loaded
 _load_attempted = False
 
 
-def _cpu_signature() -> str:
-    """What -march=native depends on; sorted, since a set's order differs between processes."""
-    vendor, flags = cpu_info()
-    return vendor + ' ' + ' '.join(sorted(flags))
+def native_isa() -> Optional[str]:
+    """The widest kernel build this CPU runs: 'avx512', 'avx2', or None."""
+    flags = cpu_info()[1]
+    for isa in ('avx512', 'avx2'):
+        if _ISA_CPU_FLAGS[isa] <= flags:
+            return isa
+    return None
+
+
+def selected_isa() -> Optional[str]:
+    """The build to use: `native_isa`, or CVT_CPU_ISA where the CPU runs it; None: no kernels.
+
+    Raises ValueError for a CVT_CPU_ISA that is unknown or that this CPU cannot run.
+    """
+    native = native_isa()
+    wanted = os.environ.get('CVT_CPU_ISA', '')
+    if not wanted:
+        return native
+    if wanted not in ISA_FLAGS:
+        raise ValueError(f'CVT_CPU_ISA={wanted!r}: expected one of {", ".join(ISA_FLAGS)}')
+    if native is None or (wanted == 'avx512' and native != 'avx512'):
+        raise ValueError(f'CVT_CPU_ISA={wanted}: this CPU has no {wanted} (its best: {native or "neither"})')
+    return wanted
 
 
 def _paddle_openmp() -> Optional[str]:
@@ -66,7 +111,7 @@ def _cache_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f'cvt-paddle-{os.getuid()}')
 
 
-def _compile(compiler: str, output: str) -> None:
+def _compile(compiler: str, isa: str, output: str) -> None:
     """Build the shared library at `output`, atomically (a temporary file, then a rename),
     so that processes starting together never load a half-written file."""
     os.makedirs(os.path.dirname(output), exist_ok=True)
@@ -75,7 +120,7 @@ def _compile(compiler: str, output: str) -> None:
     objects = partial[:-3] + '.o'
     run = lambda *args: subprocess.run([compiler, *args], check=True, capture_output=True, text=True)
     try:
-        run(*_FLAGS, '-c', _SOURCE, '-o', objects)
+        run(*_FLAGS, ISA_FLAGS[isa], '-c', _SOURCE, '-o', objects)
         iomp = _paddle_openmp()
         try:
             if iomp is None:
@@ -115,7 +160,7 @@ def _declare(library: ctypes.CDLL) -> None:
 
 def load() -> Optional[ctypes.CDLL]:
     """The compiled kernels, building them on first use; None where they cannot be had."""
-    global _library, _load_attempted
+    global _library, _isa, _load_attempted
     if _load_attempted:
         return _library
     with _lock:
@@ -124,17 +169,24 @@ def load() -> Optional[ctypes.CDLL]:
         _load_attempted = True
         if os.environ.get('CVT_CPU_KERNELS', '1') == '0' or not sys.platform.startswith('linux'):
             return None
+        try:
+            isa = selected_isa()
+        except ValueError as error:
+            warnings.warn(f'cpu_kernels: {error}; using Paddle\'s CPU ops')
+            return None
+        if isa is None:
+            return None  # no build for this CPU: Paddle's ops
         compiler = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
         if compiler is None:
             warnings.warn('cpu_kernels: no C compiler (cc) found; using Paddle\'s slower CPU ops')
             return None
         with open(_SOURCE, 'rb') as source:
-            key = hashlib.sha256(source.read() + ' '.join(_FLAGS).encode() + compiler.encode()
-                                 + _cpu_signature().encode() + str(_paddle_openmp()).encode())
-        output = os.path.join(_cache_dir(), f'cpu_kernels-{key.hexdigest()[:16]}.so')
+            key = hashlib.sha256(source.read() + ' '.join(_FLAGS + [ISA_FLAGS[isa]]).encode()
+                                 + compiler.encode() + str(_paddle_openmp()).encode())
+        output = os.path.join(_cache_dir(), f'cpu_kernels-{isa}-{key.hexdigest()[:16]}.so')
         try:
             if not os.path.isfile(output):
-                _compile(compiler, output)
+                _compile(compiler, isa, output)
             library = ctypes.CDLL(output)
             _declare(library)
         except (OSError, subprocess.CalledProcessError) as error:
@@ -143,17 +195,28 @@ def load() -> Optional[ctypes.CDLL]:
                           'using Paddle\'s slower CPU ops')
             return None
         library.cvt_set_threads(int(os.environ.get('MKL_NUM_THREADS', usable_cores())))
-        _library = library
+        _library, _isa = library, isa
     return _library
 
 
+def active_build() -> Optional[str]:
+    """The kernel build in use ('avx512' or 'avx2'), or None (Paddle's ops)."""
+    return _isa if load() is not None else None
+
+
 def active(x: paddle.Tensor) -> bool:
-    """True where the kernels apply to `x`: dynamic mode, float32, CPU, library built."""
+    """True where the kernels can run on `x`: dynamic mode, float32, CPU, library built."""
     if not paddle.in_dynamic_mode() or x.dtype != paddle.float32:
         return False
     if not x.place.is_cpu_place():
         return False
     return load() is not None
+
+
+def use(kernel: str, x: paddle.Tensor) -> bool:
+    """Whether the fast paths take `kernel` (one of KERNELS) for `x`: it can run
+    there and measured faster than Paddle's op on the loaded build."""
+    return active(x) and kernel in FASTER_THAN_PADDLE[_isa]
 
 
 def _contiguous(x: paddle.Tensor) -> paddle.Tensor:

@@ -15,16 +15,15 @@ files load with ``set_dict``:
 
 Linear weights are stored [in, out] (Paddle's layout).
 
-The attention and MLP compute the same functions as the official layers with
-fewer passes over the activations and, on the CPU, through the project's
-threaded kernels (cpu_kernels.py) for depthwise convolution, softmax,
-LayerNorm, SiLU and bias gradients (see README, Speed); `set_fast_paths(model,
-False)` runs the plain layers instead.
+Each layer's forward is the plain one, step by step as in the official code.
+Attention, Mlp, LayerNorm and ConvEmbed also have a speed path, the same
+function with fewer passes over the activations and, on the CPU, threaded C
+kernels: it lives in fast_paths.py and plugs in with one branch per layer;
+`set_fast_paths(model, False)` turns it off (docs/speed.md).
 """
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -32,8 +31,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-import cpu_kernels
-from runtime import usable_cores as _usable_cores
+import fast_paths
 
 # The official init is timm's trunc_normal_(std=0.02), truncated at +-2 absolute
 # (100 std): a plain normal in effect. Paddle's TruncatedNormal truncates at +-2
@@ -44,30 +42,6 @@ _xavier_uniform = nn.initializer.XavierUniform()
 _zeros = nn.initializer.Constant(0.0)
 _ones = nn.initializer.Constant(1.0)
 
-# QuickGELU's slope: x * sigmoid(1.702 x) == silu(1.702 x) / 1.702
-_QUICK_GELU_SLOPE = 1.702
-
-
-def _on_cpu(x: paddle.Tensor) -> bool:
-    place = getattr(x, 'place', None) if paddle.in_dynamic_mode() else None
-    if place is None:  # a static-graph variable (to_static, export): the default device decides
-        return paddle.get_device() == 'cpu'
-    return place.is_cpu_place()
-
-
-def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor]) -> paddle.Tensor:
-    """``x @ weight + bias`` over the last axis of a contiguous `x`.
-
-    On CPU the bias goes into the GEMM (addmm, beta = 1): Paddle's F.linear adds it
-    in a separate single-threaded pass that costs as much as a small matmul.
-    """
-    if bias is None or not _on_cpu(x):
-        return F.linear(x, weight, bias)
-    if paddle.is_grad_enabled() and cpu_kernels.active(x):
-        return cpu_kernels.linear(x, weight, bias)  # the same forward, a faster bias gradient
-    rows = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
-    return rows.reshape(list(x.shape[:-1]) + [weight.shape[1]])
-
 
 class QuickGELU(nn.Layer):
     """GELU approximated as ``x * sigmoid(1.702 x)``, as the official CvT uses."""
@@ -77,16 +51,14 @@ class QuickGELU(nn.Layer):
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm over the last axis; on the CPU through the threaded kernel."""
+    """nn.LayerNorm over the last axis (the fast path: a threaded CPU kernel)."""
 
-    # False: Paddle's own layer_norm (the reference the kernel is tested against)
-    use_fast_path = True
+    fast_path = True  # see set_fast_paths
 
     def forward(self, x):
-        if (self.use_fast_path and self.weight is not None and self.bias is not None
-                and cpu_kernels.active(x)):
-            return cpu_kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
-        return F.layer_norm(x, self._normalized_shape, self.weight, self.bias, self._epsilon)
+        if self.fast_path:
+            return fast_paths.layer_norm(self, x)
+        return super().forward(x)
 
 
 class DropPath(nn.Layer):
@@ -111,6 +83,8 @@ class DropPath(nn.Layer):
 class Mlp(nn.Layer):
     """Linear -> QuickGELU -> dropout -> Linear -> dropout."""
 
+    fast_path = True  # see set_fast_paths
+
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
@@ -118,19 +92,10 @@ class Mlp(nn.Layer):
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
-    # False: run the layers one by one, as written (the reference the fast path is tested against)
-    use_fast_path = True
-
     def forward(self, x):
-        if not self.use_fast_path:
-            return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-        # QuickGELU's slope folded into the weights: fc1 scaled by 1.702 feeds one
-        # SiLU pass (instead of scale, sigmoid and multiply), fc2 takes the 1/1.702.
-        # Scaling the small weight matrices costs far less than passes over the
-        # activations, and gradients flow through it unchanged.
-        hidden = linear(x, self.fc1.weight * _QUICK_GELU_SLOPE, self.fc1.bias * _QUICK_GELU_SLOPE)
-        hidden = self.drop(cpu_kernels.silu(hidden) if cpu_kernels.active(hidden) else F.silu(hidden))
-        return self.drop(linear(hidden, self.fc2.weight * (1.0 / _QUICK_GELU_SLOPE), self.fc2.bias))
+        if self.fast_path:
+            return fast_paths.mlp(self, x)
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 def tokens_to_map(x, h: int, w: int):
@@ -178,6 +143,11 @@ class Attention(nn.Layer):
     the official code the released weights were trained with.
     """
 
+    fast_path = True  # see set_fast_paths; recording attention takes the plain path
+    # F.scaled_dot_product_attention for softmax(q k^T) v in the fast path: True,
+    # False, or None for the device's default (GPU float16/bfloat16 only)
+    fused_attention: Optional[bool] = None
+
     def __init__(self, dim_in: int, dim_out: int, num_heads: int, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, method: str = 'dw_bn',
                  kernel_size: int = 3, stride_kv: int = 2, stride_q: int = 1,
@@ -202,27 +172,15 @@ class Attention(nn.Layer):
         # set by `record_attention`: called with each forward's attention weights
         self.attention_sink: Optional[Callable[[paddle.Tensor], None]] = None
 
-    # False: the plain path below, step by step as in the official code (the
-    # reference the fast path is tested against). Recording attention weights
-    # (`record_attention`) always takes the plain path.
-    use_fast_path = True
-    # the fused kernel F.scaled_dot_product_attention for softmax(q k^T) v; None:
-    # on GPU in float16/bfloat16 only (on CPU Paddle's kernel is slower than the
-    # two GEMMs and the softmax)
-    use_fused_attention: Optional[bool] = None
-
-    def forward(self, x, h: int, w: int):
-        if self.attention_sink is not None or not self.use_fast_path:
-            return self._forward_plain(x, h, w)
-        return self._forward_fast(x, h, w)
-
     def _project(self, conv, x_map, tokens):
         return tokens if conv is None else map_to_tokens(conv(x_map))
 
     def _split_heads(self, x):
         return x.reshape([0, 0, self.num_heads, -1]).transpose([0, 2, 1, 3])
 
-    def _forward_plain(self, x, h: int, w: int):
+    def forward(self, x, h: int, w: int):
+        if self.fast_path and self.attention_sink is None:
+            return fast_paths.attention(self, x, h, w)
         if self.with_cls_token:
             cls_token, tokens = split_cls_token(x)
         else:
@@ -246,165 +204,6 @@ class Attention(nn.Layer):
         out = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([0, 0, self.dim_out])
         return self.proj_drop(self.proj(out))
 
-    def _forward_fast(self, x, h: int, w: int):
-        """The same attention with fewer passes over the activations.
-
-        q, k and v stay channels-first (B, C, L) from the convolutions on, and the
-        GEMMs read them transposed, so no token/map transpose is copied; the scale
-        is folded into q's projection; k's and v's convolutions run as one grouped
-        convolution (`_paired_dw_bn`).
-        """
-        if self.with_cls_token:
-            cls_token, tokens = split_cls_token(x)
-        else:
-            cls_token, tokens = None, x
-        q, k, v = self._projected_maps(tokens_to_map(tokens, h, w))
-        if cls_token is not None:
-            cls_column = cls_token.reshape([0, -1, 1])  # (B, 1, C) -> (B, C, 1)
-            q, k, v = (paddle.concat([cls_column, t], axis=2) for t in (q, k, v))
-        fused = self.use_fused_attention
-        if fused is None:
-            # Paddle's fused kernel is flash attention, for float16/bfloat16 on GPU
-            # (autocast makes the projections float16); float32 keeps the GEMMs
-            fused = not _on_cpu(x) and q.dtype in (paddle.float16, paddle.bfloat16)
-        if fused and hasattr(F, 'scaled_dot_product_attention'):
-            out = self._attend_fused(q, k, v)
-        else:
-            out = self._attend(q, k, v)
-        return self.proj_drop(out)
-
-    def _projected_maps(self, x_map):
-        """Channels-first (B, C, L) maps of q, k and v after their convolutional projections."""
-        if cpu_kernels.active(x_map):
-            return tuple(_project_on_cpu(projection, x_map).flatten(2)
-                         for projection in (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v))
-        q = x_map if self.conv_proj_q is None else self.conv_proj_q(x_map)
-        if _is_dw_bn(self.conv_proj_k) and _is_dw_bn(self.conv_proj_v):
-            # channel c of the map gives channels 2c (k) and 2c+1 (v): one convolution
-            # call instead of two (Paddle's depthwise kernel costs mostly per call)
-            kv = _paired_dw_bn(self.conv_proj_k, self.conv_proj_v, x_map).flatten(2)
-            kv = kv.reshape([0, -1, 2, kv.shape[-1]])
-            k, v = kv[:, :, 0], kv[:, :, 1]
-        else:
-            k = x_map if self.conv_proj_k is None else self.conv_proj_k(x_map)
-            v = x_map if self.conv_proj_v is None else self.conv_proj_v(x_map)
-            k, v = k.flatten(2), v.flatten(2)
-        return q.flatten(2), k, v
-
-    def _scaled_q_projection(self, extra: float = 1.0):
-        """proj_q's weight and bias times the attention scale (and `extra`)."""
-        factor = self.scale * extra
-        bias = self.proj_q.bias
-        return self.proj_q.weight * factor, (None if bias is None else bias * factor)
-
-    def _attend(self, q, k, v):
-        """softmax(q k^T * scale) v, projected; channels-first inputs, (B, Lq, C) out."""
-        kernels = cpu_kernels.active(q)  # Paddle's CPU softmax and bias gradients are single-threaded
-
-        def heads(t, weight, bias):
-            # (C_out, C_in) x (B, C_in, L) -> (B, C_out, L) -> (B, heads, head_dim, L): no copy
-            t = paddle.matmul(weight, t, transpose_x=True)
-            if bias is not None:
-                t = cpu_kernels.add_bias(t, bias, axis=1) if kernels else t + bias.unsqueeze(-1)
-            return t.reshape([0, self.num_heads, -1, t.shape[-1]])
-
-        q = heads(q, *self._scaled_q_projection())
-        k = heads(k, self.proj_k.weight, self.proj_k.bias)
-        v = heads(v, self.proj_v.weight, self.proj_v.bias)
-        scores = paddle.matmul(q, k, transpose_x=True)
-        attn = self.attn_drop(cpu_kernels.softmax(scores) if kernels else F.softmax(scores, axis=-1))
-        out = paddle.matmul(v, attn, transpose_y=True)  # (B, heads, head_dim, Lq)
-        out = paddle.matmul(out.reshape([0, self.dim_out, out.shape[-1]]), self.proj.weight,
-                            transpose_x=True)
-        return cpu_kernels.add_bias(out, self.proj.bias) if kernels else out + self.proj.bias
-
-    def _attend_fused(self, q, k, v):
-        """The same through F.scaled_dot_product_attention, which takes (B, L, heads, head_dim)
-        and scales by head_dim ** -0.5: q is pre-scaled to give CvT's dim_out ** -0.5."""
-        head_dim = self.dim_out // self.num_heads
-
-        def heads(t, weight, bias):
-            t = paddle.matmul(t, weight, transpose_x=True)  # (B, L, C_out)
-            if bias is not None:
-                t = t + bias.astype(t.dtype)  # stay in autocast's float16 for the kernel
-            return t.reshape([0, 0, self.num_heads, head_dim])
-
-        q = heads(q, *self._scaled_q_projection(head_dim ** 0.5))
-        k = heads(k, self.proj_k.weight, self.proj_k.bias)
-        v = heads(v, self.proj_v.weight, self.proj_v.bias)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p, training=self.training)
-        return linear(out.reshape([0, 0, self.dim_out]), self.proj.weight, self.proj.bias)
-
-
-def _is_dw_bn(projection: Optional[nn.Layer]) -> bool:
-    # exactly BatchNorm2D: SyncBatchNorm (multi-GPU) keeps the two layers apart
-    return (isinstance(projection, nn.Sequential) and len(projection) == 2
-            and type(projection[1]) is nn.BatchNorm2D)
-
-
-def _project_on_cpu(projection: Optional[nn.Layer], x_map):
-    """One convolutional projection, a dw_bn one through the threaded depthwise kernel
-    (with BatchNorm folded into it in inference)."""
-    if projection is None:
-        return x_map
-    if not (_is_dw_bn(projection) and _kernel_fits(projection[0])):
-        return projection(x_map)
-    conv, norm = projection[0], projection[1]
-    stride, padding = conv._stride[0], conv._updated_padding[0]
-    if not norm.training and not paddle.is_grad_enabled():
-        factor = norm.weight / paddle.sqrt(norm._variance + norm._epsilon)
-        return cpu_kernels.depthwise_conv2d(x_map, conv.weight * factor.reshape([-1, 1, 1, 1]),
-                                            norm.bias - norm._mean * factor, stride, padding)
-    return norm(cpu_kernels.depthwise_conv2d(x_map, conv.weight, None, stride, padding))
-
-
-def _kernel_fits(conv: nn.Conv2D) -> bool:
-    """Whether cpu_kernels.depthwise_conv2d computes `conv`: depthwise, no bias, NCHW,
-    a square kernel of at most 8x8, equal strides and zero paddings, no dilation."""
-    kernel, stride, padding = list(conv._kernel_size), list(conv._stride), conv._updated_padding
-    return (conv._groups == conv._in_channels == conv._out_channels and conv.bias is None
-            and conv._data_format == 'NCHW' and conv._padding_mode == 'zeros'
-            and list(conv._dilation) == [1, 1] and kernel[0] == kernel[1] and kernel[0] <= 8
-            and stride[0] == stride[1] and isinstance(padding, (list, tuple)) and len(padding) == 2
-            and padding[0] == padding[1])
-
-
-def _interleave(first: paddle.Tensor, second: paddle.Tensor) -> paddle.Tensor:
-    """Per-channel vectors [a0, a1, ...], [b0, b1, ...] -> [a0, b0, a1, b1, ...]."""
-    return paddle.stack([first, second], axis=1).reshape([-1])
-
-
-def _paired_dw_bn(first: nn.Sequential, second: nn.Sequential, x_map):
-    """Two dw_bn projections of one map as one grouped convolution (2 outputs per
-    group): output channel 2c is `first`'s channel c, 2c+1 is `second`'s.
-
-    In eval each BatchNorm is folded into its convolution (weight * gamma / sigma,
-    bias beta - mean * gamma / sigma). In training one BatchNorm call normalises
-    the interleaved channels with the interleaved parameters and statistics, and
-    the updated running statistics are written back to the two layers: per
-    channel the same arithmetic as the two BatchNorms.
-    """
-    conv, norm_a, norm_b = first[0], first[1], second[1]
-    weight = paddle.stack([first[0].weight, second[0].weight], axis=1)
-    weight = weight.reshape([-1, 1] + list(conv.weight.shape[2:]))
-    options = dict(stride=conv._stride, padding=conv._padding, dilation=conv._dilation, groups=conv._groups)
-    if not norm_a.training:
-        factors = [norm.weight / paddle.sqrt(norm._variance + norm._epsilon) for norm in (norm_a, norm_b)]
-        weight = weight * _interleave(*factors).reshape([-1, 1, 1, 1])
-        bias = _interleave(norm_a.bias - norm_a._mean * factors[0], norm_b.bias - norm_b._mean * factors[1])
-        return F.conv2d(x_map, weight, bias, **options)
-    mean = _interleave(norm_a._mean, norm_b._mean)
-    variance = _interleave(norm_a._variance, norm_b._variance)
-    out = F.batch_norm(F.conv2d(x_map, weight, None, **options), mean, variance,
-                       weight=_interleave(norm_a.weight, norm_b.weight),
-                       bias=_interleave(norm_a.bias, norm_b.bias), training=True,
-                       momentum=norm_a._momentum, epsilon=norm_a._epsilon)
-    # F.batch_norm updated `mean` and `variance` in place
-    for column, norm in enumerate((norm_a, norm_b)):
-        norm._mean.set_value(mean.reshape([-1, 2])[:, column])
-        norm._variance.set_value(variance.reshape([-1, 2])[:, column])
-    return out
-
 
 class Block(nn.Layer):
     """Pre-norm transformer block: attention and MLP, each with a residual."""
@@ -427,24 +226,18 @@ class Block(nn.Layer):
 class ConvEmbed(nn.Layer):
     """Convolutional token embedding: Conv2D then LayerNorm over channels."""
 
+    fast_path = True  # see set_fast_paths
+
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, stride: int, padding: int):
         super().__init__()
         self.proj = nn.Conv2D(in_chans, embed_dim, patch_size, stride=stride, padding=padding)
         self.norm = LayerNorm(embed_dim, epsilon=1e-5)
 
-    # False: the Conv2D layer as it is (the reference for the path below)
-    use_fast_path = True
-
     def forward(self, x) -> Tuple[paddle.Tensor, int, int]:
         """(B, C, H, W) map -> (B, H'*W', D) tokens, H', W'."""
-        conv = self.proj
-        if self.use_fast_path and conv.bias is not None and cpu_kernels.active(x):
-            # the bias added as (C, 1, 1): Paddle's CPU add takes a slow path for
-            # Conv2D's (1, C, 1, 1), and its bias gradient is single-threaded
-            x = F.conv2d(x, conv.weight, None, conv._stride, conv._padding, conv._dilation, conv._groups)
-            x = cpu_kernels.add_bias(x, conv.bias, axis=1)
-        else:
-            x = conv(x)
+        if self.fast_path:
+            return fast_paths.conv_embed(self, x)
+        x = self.proj(x)
         h, w = x.shape[2], x.shape[3]
         return self.norm(map_to_tokens(x)), h, w
 
@@ -576,67 +369,8 @@ class ConvolutionalVisionTransformer(nn.Layer):
                 maps.append(x)
         return maps
 
-    # CPU inference runs parts of the batch in parallel threads (`_forward_in_parts`)
-    parallel_inference = True
-
     def forward(self, x):
-        parts = self._inference_parts(x)
-        if parts > 1:
-            return self._forward_in_parts(x, parts)
         return self.head(self.forward_features(x))
-
-    def _inference_parts(self, x) -> int:
-        """How many threads share this forward: one per usable core for eval-mode,
-        no-grad CPU forwards of a batch (where samples do not interact: BatchNorm
-        uses its running statistics) when the threaded CPU kernels are not
-        available (with them, one forward already keeps the cores busy and
-        splitting is slower), else 1."""
-        if (not self.parallel_inference or self.training or paddle.is_grad_enabled()
-                or not paddle.in_dynamic_mode() or not _on_cpu(x) or _autocast_on()):
-            return 1
-        if cpu_kernels.active(x):
-            return 1
-        if any(block.attn.attention_sink is not None for stage in self.stages for block in stage.blocks):
-            return 1  # recording attention wants each forward's weights whole
-        return min(_usable_cores(), int(x.shape[0]))
-
-    def _forward_in_parts(self, x, parts: int):
-        """The forward of `x` split along the batch into `parts` threads.
-
-        Most of Paddle's CPU kernels outside the GEMMs (softmax, SiLU, adds,
-        LayerNorm, depthwise convolution) run on one thread, so one forward
-        leaves the other cores idle for much of its time; Paddle releases the
-        GIL inside its kernels, so threads overlap them. The GEMMs keep their own
-        threads. The logits are the same as one whole-batch forward's.
-        """
-        def run(chunk):
-            with paddle.no_grad():  # the no-grad state is per thread
-                return self.head(self.forward_features(chunk))
-
-        chunks = paddle.split(x, _even_sizes(int(x.shape[0]), parts), axis=0)
-        others = [_thread_pool().submit(run, chunk) for chunk in chunks[1:]]
-        return paddle.concat([run(chunks[0])] + [future.result() for future in others], axis=0)
-
-
-def _even_sizes(total: int, parts: int) -> List[int]:
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
-
-
-def _autocast_on() -> bool:
-    tracer = paddle.base.framework._dygraph_tracer() if hasattr(paddle, 'base') else None
-    level = getattr(tracer, '_amp_level', None)
-    return level is not None and 'O0' not in str(level)
-
-
-_POOL: Optional[ThreadPoolExecutor] = None
-
-
-def _thread_pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(_usable_cores() - 1, 1),
-                                   thread_name_prefix='cvt-inference')
-    return _POOL
 
 
 def build_cvt(config) -> ConvolutionalVisionTransformer:
@@ -675,20 +409,20 @@ def record_attention(model: nn.Layer):
 
 
 def set_fast_paths(model: nn.Layer, enabled: bool = True, fused_attention: Optional[bool] = None) -> None:
-    """Turn the model's speed paths on or off (off: the plain step-by-step layers).
+    """Turn the model's speed paths (fast_paths.py) on or off; off, every layer runs
+    its plain forward, calling its sublayers (forward hooks, replaced layers) as written.
 
-    `enabled` covers the restructured attention and MLP and the threaded CPU
-    inference; `fused_attention` picks F.scaled_dot_product_attention (True),
-    the explicit softmax (False), or the default for the device (None: GPU only).
-    Both give the same outputs; the switch is for tests and for debugging.
+    `fused_attention` picks, in the fast attention, F.scaled_dot_product_attention
+    (True), the explicit softmax (False), or the default for the device (None:
+    GPU float16/bfloat16 only). Either way the outputs are the same; turn the
+    fast paths off before exporting to ONNX or Paddle Inference (static graphs
+    take the plain layers' operators).
     """
     for layer in model.sublayers(include_self=True):
         if isinstance(layer, (Attention, Mlp, LayerNorm, ConvEmbed)):
-            layer.use_fast_path = enabled
+            layer.fast_path = enabled
         if isinstance(layer, Attention):
-            layer.use_fused_attention = fused_attention
-        if isinstance(layer, ConvolutionalVisionTransformer):
-            layer.parallel_inference = enabled
+            layer.fused_attention = fused_attention
 
 
 HEAD_KEYS = ('head.weight', 'head.bias')

@@ -19,7 +19,6 @@ import math
 import os
 import random
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
@@ -43,9 +42,6 @@ from utils import FILE_ONLY, AverageMeter, NonFiniteLossError, UsageError, forma
 BATCH_NORMS = (nn.BatchNorm, nn.BatchNorm1D, nn.BatchNorm2D, nn.BatchNorm3D)
 # ops kept in float32 under float16 autocast: normalisation and attention weights
 FLOAT32_OPS = {'layer_norm', 'softmax'}
-
-# Paddle notes on every BatchNorm in training mode that it tracks running statistics
-warnings.filterwarnings('ignore', message='When training, we now always track global mean')
 
 
 class WarmupCosineSchedule(paddle.optimizer.lr.LRScheduler):

@@ -14,7 +14,8 @@ import os
 
 USER_SET_THREADS = 'OMP_NUM_THREADS' in os.environ or 'MKL_NUM_THREADS' in os.environ
 
-import runtime  # noqa: E402,F401  (before paddle)
+import runtime  # noqa: E402
+runtime.configure()  # before paddle: threads, MKL's code path, allocator
 
 import re  # noqa: E402
 import sys  # noqa: E402

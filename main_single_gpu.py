@@ -4,7 +4,8 @@
     python main_single_gpu.py -cfg ... -data_path ... -eval -pretrained weights.pdparams
 """
 
-import runtime  # noqa: F401  (before paddle)
+import runtime
+runtime.configure()  # before paddle: threads, MKL's code path, allocator
 
 import engine
 import utils

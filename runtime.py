@@ -1,7 +1,15 @@
-"""Process-wide runtime set-up, applied by every entry point before Paddle loads.
+"""Process-wide runtime set-up: `configure()`, which every entry point calls before Paddle loads.
 
-Import this module before `paddle` (``import runtime`` as the first project
-import). Settings the user has made in the environment are left as they are.
+Importing this module changes nothing; `configure()` sets the thread count,
+MKL's code path on AMD, OpenMP's spin time and glibc's allocator, and silences
+two of Paddle's notices. In a notebook or your own script, call it before
+``import paddle`` to get the same set-up as the project's scripts:
+
+    import runtime
+    runtime.configure()
+    import paddle
+
+Settings the user has made in the environment are left as they are.
 """
 
 import ctypes
@@ -20,6 +28,17 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def use_cores(count: int) -> None:
+    """Pin this process to the first `count` of its usable cores (Linux); ValueError
+    for a count outside 1..usable_cores()."""
+    if not hasattr(os, 'sched_setaffinity'):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if not 1 <= count <= len(cores):
+        raise ValueError(f'{count} threads: this process may use 1 to {len(cores)} cores')
+    os.sched_setaffinity(0, cores[:count])
+
+
 def cpu_info() -> Tuple[str, FrozenSet[str]]:
     """The CPU's vendor id and feature flags, from /proc/cpuinfo ('' and none elsewhere)."""
     vendor, flags = '', frozenset()
@@ -35,6 +54,27 @@ def cpu_info() -> Tuple[str, FrozenSet[str]]:
     except OSError:
         pass
     return vendor, flags
+
+
+def cpu_model() -> Tuple[str, str]:
+    """The CPU's vendor id and its model name with family and model numbers, from
+    /proc/cpuinfo ('unknown' where it is not found)."""
+    keys = ('vendor_id', 'model name', 'cpu family', 'model')
+    found = {}
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            for line in cpuinfo:
+                key = line.split(':', 1)[0].strip()
+                if key in keys and key not in found:
+                    found[key] = line.split(':', 1)[1].strip()
+                if len(found) == len(keys):
+                    break
+    except OSError:
+        pass
+    model = found.get('model name', 'unknown')
+    if 'cpu family' in found and 'model' in found:
+        model += f' (family {found["cpu family"]}, model {found["model"]})'
+    return found.get('vendor_id', 'unknown'), model
 
 
 # the AVX-512 subsets of Intel's Skylake server cores, which MKL's AVX-512 kernels use
@@ -58,8 +98,32 @@ def mkl_cpu_type(vendor: str, flags: FrozenSet[str]) -> Optional[str]:
     return None
 
 
-def configure_environment() -> None:
-    """Set thread and math-library variables; must run before Paddle is imported."""
+def mkl_code_path() -> str:
+    """MKL's code path as the environment sets it, in words (for benchmark reports)."""
+    names = {'5': 'AVX2', '7': 'AVX-512'}
+    chosen = os.environ.get('MKL_DEBUG_CPU_TYPE', '')
+    path = f'{names.get(chosen, chosen)} (MKL_DEBUG_CPU_TYPE={chosen})' if chosen else "MKL's own choice"
+    limit = os.environ.get('MKL_ENABLE_INSTRUCTIONS')
+    return f'{path}, MKL_ENABLE_INSTRUCTIONS={limit}' if limit else path
+
+
+def configure(threads: Optional[int] = None) -> None:
+    """Set threads, MKL's code path, OpenMP's spin time and the allocator for this
+    process, and filter two of Paddle's notices; must run before Paddle is imported
+    (the environment variables are read when its libraries load).
+
+    `threads`: run on that many of the usable cores (the process is pinned to
+    them; MKL and the CPU kernels use as many threads), overriding MKL_NUM_THREADS;
+    default: all usable cores, or the user's MKL_NUM_THREADS.
+    """
+    if threads is not None:
+        use_cores(threads)
+        os.environ['MKL_NUM_THREADS'] = str(threads)
+    # Paddle warns at import that its C++ extension builder found no ccache (this
+    # project builds no extensions), and notes at every BatchNorm in training mode
+    # that it tracks running statistics
+    warnings.filterwarnings('ignore', message='No ccache found')
+    warnings.filterwarnings('ignore', message='When training, we now always track global mean')
     # MKL's GEMMs take MKL_NUM_THREADS. OMP_NUM_THREADS is left to the user: MKL
     # does not need it, and Paddle prints a warning at import when it is above 1.
     os.environ.setdefault('MKL_NUM_THREADS', str(usable_cores()))
@@ -102,8 +166,3 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
-
-# Paddle warns at import that its C++ extension builder found no ccache; this
-# project builds no extensions
-warnings.filterwarnings('ignore', message='No ccache found')
-configure_environment()

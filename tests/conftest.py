@@ -2,17 +2,15 @@
 
 import os
 import sys
-import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import runtime  # noqa: E402,F401  (before paddle)
+import runtime  # noqa: E402
+runtime.configure()  # before paddle, as the entry points do
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 import pytest  # noqa: E402
-
-warnings.filterwarnings('ignore', message='No ccache found')
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +19,29 @@ def seeded():
     paddle.seed(0)
     np.random.seed(0)
     yield
+
+
+def runnable_kernel_builds():
+    """The CPU kernel builds this machine runs (an AVX-512 CPU runs the AVX2 build too)."""
+    import cpu_kernels
+    return {'avx512': ['avx512', 'avx2'], 'avx2': ['avx2']}.get(cpu_kernels.native_isa(), [])
+
+
+def switch_kernel_build(monkeypatch, isa: str) -> None:
+    """Load the CPU kernels' `isa` build for one test (monkeypatch restores the default)."""
+    import cpu_kernels
+    monkeypatch.setenv('CVT_CPU_ISA', isa)
+    for name, value in (('_load_attempted', False), ('_library', None), ('_isa', None)):
+        monkeypatch.setattr(cpu_kernels, name, value)
+    if cpu_kernels.load() is None:
+        pytest.skip(f'the {isa} build of the CPU kernels cannot be built here (no C compiler?)')
+    assert cpu_kernels.active_build() == isa
+
+
+@pytest.fixture(params=runnable_kernel_builds() or ['none'])
+def kernel_build(request, monkeypatch):
+    """Each CPU kernel build this machine runs, in turn."""
+    if request.param == 'none':
+        pytest.skip('no CPU kernel build for this CPU (neither AVX2 nor AVX-512)')
+    switch_kernel_build(monkeypatch, request.param)
+    return request.param

@@ -1,8 +1,9 @@
 """The threaded CPU kernels (cpu_kernels.py, csrc/cpu_kernels.c) against Paddle's own ops.
 
 Forward outputs and every gradient must match Paddle's ops on awkward shapes
-(odd sizes, strides, paddings, kernels, non-contiguous inputs); NaN must
-propagate; a failed build must fall back to Paddle's ops with one warning.
+(odd sizes, strides, paddings, kernels, non-contiguous inputs), in each build
+this CPU runs (AVX-512 and AVX2 here); NaN must propagate; a failed build must
+fall back to Paddle's ops with one warning.
 """
 
 import os
@@ -58,6 +59,7 @@ def test_kernels_build_where_a_compiler_exists():
     ((2, 4, 5, 6), 1, 1, 0),
     ((2, 6, 16, 16), 3, 1, 1),
 ])
+@pytest.mark.usefixtures('kernel_build')
 def test_depthwise_conv2d_matches_paddle(shape, kernel, stride, padding):
     x = leaf(*shape)
     weight = leaf(shape[1], 1, kernel, kernel)
@@ -70,6 +72,7 @@ def test_depthwise_conv2d_matches_paddle(shape, kernel, stride, padding):
 
 
 @needs_kernels
+@pytest.mark.usefixtures('kernel_build')
 def test_depthwise_conv2d_bias_is_inference_only():
     x, weight, bias = paddle.randn([2, 4, 6, 6]), paddle.randn([4, 1, 3, 3]), paddle.randn([4])
     with paddle.no_grad():
@@ -84,6 +87,7 @@ def test_depthwise_conv2d_bias_is_inference_only():
 
 @needs_kernels
 @pytest.mark.parametrize('shape', [(3, 7), (2, 3, 50, 13), (4, 1, 1)])
+@pytest.mark.usefixtures('kernel_build')
 def test_softmax_matches_paddle(shape):
     x = leaf(*shape, scale=4.0)
     upstream = paddle.randn(list(shape))
@@ -93,6 +97,7 @@ def test_softmax_matches_paddle(shape):
 
 
 @needs_kernels
+@pytest.mark.usefixtures('kernel_build')
 def test_softmax_of_extreme_scores_stays_finite():
     x = paddle.to_tensor([[1e4, -1e4, 0.0], [-90.0, -95.0, -200.0]])
     got = cpu_kernels.softmax(x)
@@ -101,6 +106,7 @@ def test_softmax_of_extreme_scores_stays_finite():
 
 @needs_kernels
 @pytest.mark.parametrize('shape', [(3, 7), (2, 37, 64), (5, 1, 384)])
+@pytest.mark.usefixtures('kernel_build')
 def test_layer_norm_matches_paddle(shape):
     x = leaf(*shape, scale=2.0, shift=1.0)
     weight, bias = leaf(shape[-1]), leaf(shape[-1])
@@ -115,6 +121,7 @@ def test_layer_norm_matches_paddle(shape):
 
 @needs_kernels
 @pytest.mark.parametrize('shape', [(5,), (3, 1000), (2, 7, 33)])
+@pytest.mark.usefixtures('kernel_build')
 def test_silu_matches_paddle(shape):
     x = leaf(*shape, scale=6.0)
     upstream = paddle.randn(list(shape))
@@ -127,6 +134,7 @@ def test_silu_matches_paddle(shape):
 
 @needs_kernels
 @pytest.mark.parametrize('shape', [(7, 5), (2, 5, 9)])
+@pytest.mark.usefixtures('kernel_build')
 def test_linear_and_bias_gradients_match_paddle(shape):
     x = leaf(*shape)
     weight, bias = leaf(shape[-1], 3), leaf(3)
@@ -143,6 +151,7 @@ def test_linear_and_bias_gradients_match_paddle(shape):
 
 
 @needs_kernels
+@pytest.mark.usefixtures('kernel_build')
 def test_kernels_read_strided_views_correctly():
     base = paddle.randn([4, 6, 5])
     view = base.transpose([0, 2, 1])  # a strided view on Paddle 3
@@ -151,6 +160,7 @@ def test_kernels_read_strided_views_correctly():
 
 
 @needs_kernels
+@pytest.mark.usefixtures('kernel_build')
 def test_nan_propagates():
     row = paddle.to_tensor([[1.0, float('nan'), 2.0]])
     assert np.isnan(cpu_kernels.softmax(row).numpy()).all()
@@ -178,7 +188,8 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 SMALL_MODEL_RUN = '''
-import runtime, paddle, cpu_kernels, cvt
+import runtime; runtime.configure()
+import paddle, cpu_kernels, cvt
 from config import get_config
 config = get_config('configs/cvt-demo.yaml')
 config.defrost(); config.MODEL.NUM_CLASSES = 3
@@ -245,3 +256,42 @@ def test_model_with_frozen_backbone_trains_through_kernels():
     model.train()
     F.cross_entropy(model(paddle.randn([2, 3, 64, 64])), paddle.to_tensor([0, 3])).backward()
     assert model.head.weight.grad is not None and model.stages[0].patch_embed.proj.weight.grad is None
+
+
+def test_build_follows_the_cpu_and_the_override(monkeypatch):
+    zen3 = frozenset({'avx2', 'fma', 'bmi1', 'bmi2', 'f16c', 'movbe', 'sse4_2'})
+    zen4 = zen3 | {'avx512f', 'avx512cd', 'avx512bw', 'avx512dq', 'avx512vl'}
+    monkeypatch.delenv('CVT_CPU_ISA', raising=False)
+    for flags, native in ((zen4, 'avx512'), (zen3, 'avx2'), (zen4 - {'avx512bw'}, 'avx2'),
+                          (frozenset({'sse4_2'}), None)):
+        monkeypatch.setattr(cpu_kernels, 'cpu_info', lambda flags=flags: ('AuthenticAMD', flags))
+        assert cpu_kernels.native_isa() == native
+        assert cpu_kernels.selected_isa() == native
+    monkeypatch.setattr(cpu_kernels, 'cpu_info', lambda: ('AuthenticAMD', zen4))
+    monkeypatch.setenv('CVT_CPU_ISA', 'avx2')
+    assert cpu_kernels.selected_isa() == 'avx2'
+    monkeypatch.setenv('CVT_CPU_ISA', 'sse')
+    with pytest.raises(ValueError, match="CVT_CPU_ISA='sse'"):
+        cpu_kernels.selected_isa()
+    monkeypatch.setattr(cpu_kernels, 'cpu_info', lambda: ('AuthenticAMD', zen3))
+    monkeypatch.setenv('CVT_CPU_ISA', 'avx512')
+    with pytest.raises(ValueError, match='no avx512'):
+        cpu_kernels.selected_isa()
+
+
+@needs_kernels
+def test_each_kernel_only_where_it_measured_faster(monkeypatch):
+    x = paddle.ones([2])
+    build = cpu_kernels.active_build()
+    for kernel in cpu_kernels.KERNELS:
+        assert cpu_kernels.use(kernel, x) == (kernel in cpu_kernels.FASTER_THAN_PADDLE[build])
+    monkeypatch.setitem(cpu_kernels.FASTER_THAN_PADDLE, build, frozenset({'softmax'}))
+    assert cpu_kernels.use('softmax', x) and not cpu_kernels.use('silu', x)
+    assert not cpu_kernels.use('softmax', paddle.ones([2], dtype='float64'))
+
+
+def test_unusable_build_override_warns_and_falls_back(tmp_path):
+    result = run_python(SMALL_MODEL_RUN, CVT_CPU_ISA='avx9', CVT_CACHE_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert 'kernels False' in result.stdout
+    assert result.stderr.count("UserWarning: cpu_kernels: CVT_CPU_ISA='avx9'") == 1

@@ -8,6 +8,8 @@ is measured by tools/benchmark.py.
 
 import copy
 import os
+import subprocess
+import sys
 
 import numpy as np
 import paddle
@@ -16,19 +18,22 @@ import pytest
 
 import cpu_kernels
 import cvt
+import fast_paths
+from conftest import runnable_kernel_builds, switch_kernel_build
 from config import get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(params=['cpu-kernels', 'paddle-ops'])
+@pytest.fixture(params=['paddle-ops'] + [f'{isa}-kernels' for isa in runnable_kernel_builds()])
 def cpu_ops(request, monkeypatch):
-    """The fast paths both ways: through the threaded CPU kernels, and through
-    Paddle's ops (as on GPU, or where no C compiler is found)."""
+    """The fast paths each way they run: through each CPU kernel build this
+    machine runs (each with the kernels its table ships), and through Paddle's
+    ops alone (as on GPU, or where no C compiler is found)."""
     if request.param == 'paddle-ops':
-        monkeypatch.setattr(cpu_kernels, 'active', lambda x: False)
-    elif cpu_kernels.load() is None:
-        pytest.skip('no C compiler here: the CPU kernels cannot be built')
+        monkeypatch.setattr(cpu_kernels, 'use', lambda kernel, x: False)
+    else:
+        switch_kernel_build(monkeypatch, request.param.split('-')[0])
     return request.param
 
 
@@ -79,37 +84,6 @@ def test_cvt13_logits_match_plain_path_at_224(cpu_ops):
     np.testing.assert_allclose(eval_logits(model, images, fast=True), plain, atol=1e-4, rtol=0)
 
 
-def test_threaded_inference_matches_one_thread_for_odd_batch(monkeypatch):
-    # threads split the batch only where the CPU kernels are not in use
-    monkeypatch.setattr(cpu_kernels, 'active', lambda x: False)
-    model = small_model()
-    images = paddle.randn([5, 3, 64, 64])
-    model.eval()
-    with paddle.no_grad():
-        assert model._inference_parts(images) == min(cvt._usable_cores(), 5)
-        monkeypatch.setattr(cvt, '_usable_cores', lambda: 3)
-        threaded = model(images).numpy()
-        model.parallel_inference = False
-        whole = model(images).numpy()
-    np.testing.assert_allclose(threaded, whole, atol=1e-5, rtol=0)
-    assert cvt._even_sizes(5, 3) == [2, 2, 1]
-
-
-def test_threads_only_for_no_grad_eval_forwards():
-    model = small_model()
-    images = paddle.randn([4, 3, 32, 32])
-    model.eval()
-    assert model._inference_parts(images) == 1  # gradients on
-    with paddle.no_grad():
-        model.train()
-        assert model._inference_parts(images) == 1
-        model.eval()
-        with cvt.record_attention(model):
-            assert model._inference_parts(images) == 1
-        if cpu_kernels.load() is not None:  # the kernels thread each op: no split
-            assert model._inference_parts(images) == 1
-
-
 def test_training_gradients_and_batchnorm_statistics_match_plain_path(cpu_ops):
     fast = small_model()
     plain = copy.deepcopy(fast)
@@ -151,7 +125,7 @@ def test_linear_matches_paddle_linear_forward_and_backward():
     for t in (x, weight, bias):
         t.stop_gradient = False
     grads = []
-    for fn in (cvt.linear, F.linear):
+    for fn in (fast_paths.linear, F.linear):
         out = fn(x, weight, bias)
         (out * out).sum().backward()
         grads.append([out.numpy()] + [t.grad.numpy().copy() for t in (x, weight, bias)])
@@ -177,17 +151,17 @@ def test_runtime_sets_threads_and_mkl_path_but_respects_the_user(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(runtime, 'usable_cores', lambda: 7)
     monkeypatch.setattr(runtime, 'cpu_info', lambda: ('AuthenticAMD', frozenset({'avx2', 'fma'})))
-    runtime.configure_environment()
+    runtime.configure()
     assert os.environ['MKL_NUM_THREADS'] == '7'
     assert 'OMP_NUM_THREADS' not in os.environ  # left to the user
     assert os.environ['MKL_DEBUG_CPU_TYPE'] == '5'
     monkeypatch.setenv('MKL_NUM_THREADS', '1')
-    runtime.configure_environment()
+    runtime.configure()
     assert os.environ['MKL_NUM_THREADS'] == '1'  # the user's
     assert os.environ['KMP_BLOCKTIME'] == '0'
     monkeypatch.delenv('MKL_DEBUG_CPU_TYPE')
     monkeypatch.setattr(runtime, 'cpu_info', lambda: ('GenuineIntel', frozenset({'avx2', 'fma', 'avx512f'})))
-    runtime.configure_environment()
+    runtime.configure()
     assert 'MKL_DEBUG_CPU_TYPE' not in os.environ
 
 
@@ -199,3 +173,40 @@ def test_mkl_code_path_follows_the_amd_cpu_features():
     assert runtime.mkl_cpu_type('AuthenticAMD', frozenset({'avx2', 'fma'})) == '5'
     assert runtime.mkl_cpu_type('AuthenticAMD', frozenset({'sse4_2'})) is None
     assert runtime.mkl_cpu_type('GenuineIntel', zen4) is None
+
+
+def test_plain_path_calls_every_linear_and_conv_layer():
+    """With the fast paths off, forward hooks (and replaced layers: quantisation,
+    LoRA) see every nn.Linear and nn.Conv2D call."""
+    model = small_model()
+    cvt.set_fast_paths(model, False)
+    layers = [layer for layer in model.sublayers() if isinstance(layer, (paddle.nn.Linear, paddle.nn.Conv2D))]
+    called = []
+    for layer in layers:
+        layer.register_forward_post_hook(lambda layer, inputs, output: called.append(id(layer)))
+    model.eval()
+    with paddle.no_grad():
+        model(paddle.randn([1, 3, 32, 32]))
+    assert sorted(called) == sorted(id(layer) for layer in layers)
+
+
+def test_importing_the_model_changes_nothing_process_wide():
+    """`import cvt` (config, engine, ...) leaves the environment and the warning
+    filters alone: runtime.configure() is for the entry points to call."""
+    code = '''
+import os, sys, warnings
+sys.path.insert(0, '.')
+import paddle  # Paddle's own import-time filters are not the project's
+env, filters = dict(os.environ), list(warnings.filters)
+import cvt, config, engine, fast_paths, cpu_kernels, runtime
+assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items())
+assert list(warnings.filters) == filters
+runtime.configure()
+assert 'MKL_NUM_THREADS' in os.environ and list(warnings.filters) != filters
+print('ok')
+'''
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('MKL_NUM_THREADS', 'KMP_BLOCKTIME', 'MKL_DEBUG_CPU_TYPE')}
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr

@@ -35,7 +35,8 @@ RANDOM_RECIPE = {
 DRIVER = '''
 import os, runpy, signal, sys
 sys.path.insert(0, {root!r})
-import runtime  # noqa: F401  (before paddle)
+import runtime
+runtime.configure()  # before paddle, as the entry points do
 import checkpoint
 
 kill_after_step, signal_name, kill_in_write = {kill_after_step!r}, {signal_name!r}, {kill_in_write!r}

@@ -82,7 +82,8 @@ def test_two_processes_train_and_evaluate_every_image_once_like_one(data_path, t
 KILLED_SAVE = '''
 import os, sys, time
 sys.path[:0] = [{root!r}, {tests!r}]
-import runtime  # noqa: F401  (before paddle)
+import runtime
+runtime.configure()  # before paddle: threads, MKL's code path, allocator
 import paddle
 import engine
 from tiny_training import tiny_config

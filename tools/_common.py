@@ -1,7 +1,7 @@
 """What the tools share: exiting on bad input, config (+ overrides) + model + weights, the val
 transform, image listing and batching, top-k printing.
 
-The tools import this after ``runtime`` (which must come before Paddle).
+The tools import this after ``runtime.configure()`` (which must run before Paddle loads).
 """
 
 import os

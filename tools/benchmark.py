@@ -2,6 +2,8 @@
 
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode infer
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode train
+    python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -threads 1
+    python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode train -profile
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 64 -mode train -amp  # GPU
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode deploy
 
@@ -14,8 +16,11 @@ by default on CPU: the model exported (in the set-up, not timed) for
 ``-backend`` (default infer.DEFAULT_BACKEND; see docs/deploy.md) and run with
 infer.py's runtime settings, numpy images in, logits out.
 It runs under the same runtime set-up as the training and evaluation scripts
-(``import runtime`` before Paddle). The last line is ``throughput: X img/s``;
-``tools/benchmark_torch.py`` prints the same for transformers' CvT.
+(``runtime.configure()`` before Paddle); ``-threads N`` runs on N of the
+usable cores (default: all). It prints the CPU, its vector ISA, MKL's code
+path, the CPU kernel build and the thread count, then the median step; the
+last line is ``throughput: X img/s``. ``tools/benchmark_torch.py`` prints the
+same for transformers' CvT.
 """
 
 import argparse
@@ -29,10 +34,44 @@ from typing import Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import runtime  # noqa: E402  (before paddle: threads, MKL on AMD)
+import runtime  # noqa: E402
+from utils import fail  # noqa: E402
+
+ISA_NAMES = {'avx512': 'AVX-512', 'avx2': 'AVX2', None: 'neither AVX2 nor AVX-512'}
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('-cfg', type=str, required=True)
+    parser.add_argument('-batch_size', type=int, default=16)
+    parser.add_argument('-image_size', type=int, default=None)
+    parser.add_argument('-mode', choices=('infer', 'train', 'deploy'), default='infer')
+    parser.add_argument('-backend', choices=('paddle', 'onnxruntime'), default=None,
+                        help='-mode deploy: the runtime (default: the one tools/infer.py recommends)')
+    parser.add_argument('-amp', action='store_true', help='float16 autocast (GPU)')
+    parser.add_argument('-threads', type=int, default=None,
+                        help='run on this many cores, one thread each (default: all usable cores)')
+    parser.add_argument('-warmup', type=int, default=3)
+    parser.add_argument('-iters', type=int, default=10)
+    parser.add_argument('-profile', action='store_true',
+                        help="then run -iters more steps under Paddle's profiler and print the time per operator")
+    args = parser.parse_args()
+    if args.mode == 'deploy' and args.amp:
+        parser.error('-amp is for -mode infer and train: -mode deploy runs the exported float32 model on CPU')
+    return args
+
+
+# the arguments first: -threads must be applied before Paddle loads
+if __name__ == '__main__':
+    ARGS = parse_arguments()
+    if ARGS.threads is not None and not 1 <= ARGS.threads <= runtime.usable_cores():
+        fail(f'-threads {ARGS.threads}: this process may use 1 to {runtime.usable_cores()} cores')
+    runtime.configure(threads=ARGS.threads)
+
 import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
 
+import cpu_kernels  # noqa: E402
 import engine  # noqa: E402
 import losses  # noqa: E402
 from config import get_config, update_config  # noqa: E402
@@ -72,20 +111,31 @@ def deploy_step(model: paddle.nn.Layer, config, images, backend: Optional[str]) 
     return lambda: logits_of(images)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('-cfg', type=str, required=True)
-    parser.add_argument('-batch_size', type=int, default=16)
-    parser.add_argument('-image_size', type=int, default=None)
-    parser.add_argument('-mode', choices=('infer', 'train', 'deploy'), default='infer')
-    parser.add_argument('-backend', choices=('paddle', 'onnxruntime'), default=None,
-                        help='-mode deploy: the runtime (default: the one tools/infer.py recommends)')
-    parser.add_argument('-amp', action='store_true', help='float16 autocast (GPU)')
-    parser.add_argument('-warmup', type=int, default=3)
-    parser.add_argument('-iters', type=int, default=10)
-    args = parser.parse_args()
-    if args.mode == 'deploy' and args.amp:
-        parser.error('-amp is for -mode infer and train: -mode deploy runs the exported float32 model on CPU')
+def describe_machine() -> str:
+    """The CPU, its vector ISA, MKL's code path, the CPU kernel build and the threads, in words."""
+    vendor, model = runtime.cpu_model()
+    build = cpu_kernels.active_build()
+    kernels = (f'{build} build ({", ".join(sorted(cpu_kernels.FASTER_THAN_PADDLE[build]))})'
+               if build else "off (Paddle's ops)")
+    return (f'cpu: {model} ({vendor}), vector ISA {ISA_NAMES[cpu_kernels.native_isa()]}, '
+            f'{runtime.usable_cores()} cores used\n'
+            f'threads {os.environ.get("MKL_NUM_THREADS")}, MKL code path {runtime.mkl_code_path()}, '
+            f'CPU kernels {kernels}')
+
+
+def profile(step, steps: int) -> None:
+    """Run `steps` steps under Paddle's profiler and print its table of time per operator
+    (forward ops and backward grad nodes; nested calls count in both)."""
+    import paddle.profiler as profiler
+    with profiler.Profiler(targets=[profiler.ProfilerTarget.CPU], on_trace_ready=lambda prof: None) as prof:
+        for _ in range(steps):
+            step()
+            sync()
+            prof.step()
+    prof.summary(sorted_by=profiler.SortedKeys.CPUTotal, op_detail=False, thread_sep=False, time_unit='ms')
+
+
+def main(args: argparse.Namespace) -> None:
     config = update_config(get_config(), argparse.Namespace(cfg=args.cfg, image_size=args.image_size))
 
     paddle.seed(config.SEED)
@@ -127,13 +177,14 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     # the median step resists the odd slow step that other processes cause
     step_s = sorted(times)[len(times) // 2]
-    print(f'paddle {paddle.__version__} on {paddle.get_device()}, threads '
-          f'{os.environ.get("MKL_NUM_THREADS")}, MKL_DEBUG_CPU_TYPE '
-          f'{os.environ.get("MKL_DEBUG_CPU_TYPE", "unset")}, {config.MODEL.NAME}, {args.mode}, '
+    if args.profile:
+        profile(step, args.iters)
+    print(describe_machine())
+    print(f'paddle {paddle.__version__} on {paddle.get_device()}, {config.MODEL.NAME}, {args.mode}, '
           f'batch {args.batch_size}, {size}px, {"amp fp16" if args.amp else "fp32"}')
     print(f'{step_s * 1e3:.1f} ms/step (median of {args.iters}), peak memory {peak_memory_mb():.0f} MiB')
     print(f'throughput: {args.batch_size / step_s:.2f} img/s')
 
 
 if __name__ == '__main__':
-    main()
+    main(ARGS)

@@ -1,19 +1,28 @@
 """This project's CvT against transformers' CvT on PyTorch, side by side in one run.
 
-    python tools/benchmark_compare.py                  # CvT-13, batch 16, infer and train
+    python tools/benchmark_compare.py                         # CvT-13, infer and train, 1 thread and all cores
     python tools/benchmark_compare.py -model 21 -rounds 5
-    python tools/benchmark_compare.py -modes deploy -rounds 5   # exported: ONNX Runtime on both sides
+    python tools/benchmark_compare.py -isa avx2               # both sides as on an AVX2-only CPU
+    python tools/benchmark_compare.py -modes deploy           # exported: ONNX Runtime on both sides
 
 Runs tools/benchmark.py and tools/benchmark_torch.py alternately, each in its
 own process (so neither inherits the other's threads or allocator), for
-`-rounds` rounds per mode, and prints the median throughput of each side and
-their ratio. Alternating spreads the machine's drift (other load, clock
-changes) over both sides. Mode ``deploy`` compares tools/benchmark.py -mode
-deploy (what tools/infer.py runs by default) with transformers' CvT exported to
-ONNX and run by ONNX Runtime (benchmark_torch.py -mode onnx; onnxruntime and
-paddle2onnx needed: requirements-deploy.txt). PyTorch and transformers must
-be installed (they are in requirements-test.txt, not in the project's
-requirements).
+`-rounds` rounds of every mode and thread count, and prints the median
+throughput of each side, their ratio, and each side's gain from 1 thread to
+all cores (work that does not spread over cores shows there, even on 2).
+Alternating spreads the machine's drift (other load, clock changes) over both
+sides. Mode ``deploy`` compares tools/benchmark.py -mode deploy (what
+tools/infer.py runs by default) with transformers' CvT exported to ONNX and run
+by ONNX Runtime (benchmark_torch.py -mode onnx; needs requirements-deploy.txt).
+PyTorch and transformers must be installed (they are in requirements-test.txt,
+not in the project's requirements).
+
+``-isa avx2`` runs both sides as an AVX2 machine would, on an AVX-512 CPU:
+this project with MKL's AVX2 path (MKL_DEBUG_CPU_TYPE=5), the AVX2 build of
+its CPU kernels (CVT_CPU_ISA=avx2) and oneDNN capped at AVX2; PyTorch with its
+AVX2 kernels (ATEN_CPU_CAPABILITY=avx2) and oneDNN capped at AVX2. MKL is
+capped at AVX2 on both sides (MKL_ENABLE_INSTRUCTIONS=AVX2). Paddle's own
+(non-MKL) CPU kernels pick their code path from the CPU and cannot be capped.
 """
 
 import argparse
@@ -21,19 +30,29 @@ import os
 import re
 import subprocess
 import sys
-from typing import List
+from typing import Dict, List
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TOOLS)
+sys.path.insert(0, ROOT)
+
+from runtime import usable_cores  # noqa: E402  (no Paddle: this process only starts others)
+
 # benchmark_torch.py's counterpart of each benchmark.py mode
 TORCH_MODES = {'infer': 'infer', 'train': 'train', 'deploy': 'onnx'}
 MODELS = {'13': ('configs/cvt-13-224x224.yaml', ['1', '2', '10']),
           '21': ('configs/cvt-21-224x224.yaml', ['1', '4', '16'])}
+COMMON_AVX2 = {'ONEDNN_MAX_CPU_ISA': 'AVX2', 'MKL_ENABLE_INSTRUCTIONS': 'AVX2'}
+EMULATION = {
+    'native': ({}, {}),
+    'avx2': ({**COMMON_AVX2, 'MKL_DEBUG_CPU_TYPE': '5', 'CVT_CPU_ISA': 'avx2'},
+             {**COMMON_AVX2, 'ATEN_CPU_CAPABILITY': 'avx2'}),
+}
 
 
-def throughput(command: List[str]) -> float:
+def throughput(command: List[str], env: Dict[str, str]) -> float:
     """Run one benchmark process; its last line is ``throughput: X img/s``."""
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
     found = re.search(r'throughput: ([0-9.]+) img/s\s*$', result.stdout)
     if result.returncode != 0 or not found:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ['no output']
@@ -52,7 +71,13 @@ def main() -> None:
     parser.add_argument('-model', choices=sorted(MODELS), default='13', help='CvT-13 or CvT-21, at 224')
     parser.add_argument('-batch_size', type=int, default=16)
     parser.add_argument('-modes', nargs='+', choices=sorted(TORCH_MODES), default=['infer', 'train'])
+    parser.add_argument('-threads', type=int, nargs='+', default=None,
+                        help='thread counts to run (default: 1 and all usable cores)')
+    parser.add_argument('-isa', choices=sorted(EMULATION), default='native',
+                        help='avx2: emulate an AVX2-only CPU on both sides (see above)')
     parser.add_argument('-rounds', type=int, default=3)
+    parser.add_argument('-warmup', type=int, default=3, help='untimed steps per process')
+    parser.add_argument('-iters', type=int, default=10, help='timed steps per process (median)')
     args = parser.parse_args()
     try:
         import torch  # noqa: F401
@@ -60,21 +85,38 @@ def main() -> None:
     except ImportError as err:
         sys.exit(f'error: the comparison needs PyTorch and transformers ({err}); '
                  'pip install -r requirements-test.txt')
+    cores = usable_cores()
+    thread_counts = sorted(set(args.threads or [1, cores]))
+    if not all(1 <= n <= cores for n in thread_counts):
+        sys.exit(f'error: -threads {args.threads}: this process may use 1 to {cores} cores')
 
     cfg, depth = MODELS[args.model]
-    print(f'CvT-{args.model}, batch {args.batch_size}, 224px, fp32, {args.rounds} alternating rounds per mode')
-    print(f'{"mode":<6} {"paddle img/s":>13} {"torch img/s":>12} {"ratio":>6}')
+    paddle_env, torch_env = EMULATION[args.isa]
+    steps = ['-warmup', str(args.warmup), '-iters', str(args.iters), '-batch_size', str(args.batch_size)]
+    rates: Dict[tuple, List[float]] = {}
+    for _ in range(args.rounds):
+        for mode in args.modes:
+            for threads in thread_counts:
+                ours = [sys.executable, os.path.join(TOOLS, 'benchmark.py'), '-cfg', cfg, *steps,
+                        '-mode', mode, '-threads', str(threads)]
+                theirs = [sys.executable, os.path.join(TOOLS, 'benchmark_torch.py'), '-depth', *depth,
+                          *steps, '-mode', TORCH_MODES[mode], '-threads', str(threads)]
+                rates.setdefault(('paddle', mode, threads), []).append(throughput(ours, paddle_env))
+                rates.setdefault(('torch', mode, threads), []).append(throughput(theirs, torch_env))
+
+    emulated = ' emulated (' + ', '.join(f'{k}={v}' for k, v in sorted({**paddle_env, **torch_env}.items())) + ')'
+    print(f'CvT-{args.model}, batch {args.batch_size}, 224px, fp32, ISA {args.isa}'
+          f'{emulated if paddle_env else ""}, median of {args.rounds} alternating rounds, img/s')
+    print(f'{"mode":<6} {"threads":>7} {"paddle":>8} {"torch":>8} {"ratio":>6}')
     for mode in args.modes:
-        ours = [sys.executable, os.path.join(TOOLS, 'benchmark.py'), '-cfg', cfg,
-                '-batch_size', str(args.batch_size), '-mode', mode]
-        theirs = [sys.executable, os.path.join(TOOLS, 'benchmark_torch.py'), '-depth', *depth,
-                  '-batch_size', str(args.batch_size), '-mode', TORCH_MODES[mode]]
-        paddle_rates, torch_rates = [], []
-        for _ in range(args.rounds):
-            paddle_rates.append(throughput(ours))
-            torch_rates.append(throughput(theirs))
-        mine, reference = median(paddle_rates), median(torch_rates)
-        print(f'{mode:<6} {mine:>13.2f} {reference:>12.2f} {mine / reference:>5.2f}x')
+        for threads in thread_counts:
+            mine, reference = median(rates[('paddle', mode, threads)]), median(rates[('torch', mode, threads)])
+            print(f'{mode:<6} {threads:>7} {mine:>8.2f} {reference:>8.2f} {mine / reference:>5.2f}x')
+    if len(thread_counts) > 1:
+        low, high = thread_counts[0], thread_counts[-1]
+        for mode in args.modes:
+            gains = [median(rates[(side, mode, high)]) / median(rates[(side, mode, low)]) for side in ('paddle', 'torch')]
+            print(f'{mode}: gain from {low} to {high} threads: paddle {gains[0]:.2f}x, torch {gains[1]:.2f}x')
 
 
 if __name__ == '__main__':

@@ -7,11 +7,14 @@ initialised, nothing downloaded. Modes and output match ``tools/benchmark.py``
 so the two can be run back to back:
 
     python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode infer
-    python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode train
+    python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode train -threads 1
     python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode onnx
 
-PyTorch keeps its own default threading (one intra-op thread per core) and
-``import runtime`` is not used, so this measures PyTorch as users get it.
+PyTorch keeps its own default threading (one intra-op thread per core) and the
+project's runtime set-up is not used, so this measures PyTorch as users get it;
+``-threads N`` pins the process to N cores and sets PyTorch's thread count.
+Set ATEN_CPU_CAPABILITY=avx2 (and ONEDNN_MAX_CPU_ISA=AVX2) before it starts to
+run PyTorch's AVX2 code on an AVX-512 CPU (tools/benchmark_compare.py -isa avx2).
 ``onnx`` is the model exported by ``torch.onnx.export`` (opset 17, dynamic
 batch; in the set-up, not timed) and run by ONNX Runtime on the CPU with the
 settings of ``tools/infer.py -backend onnxruntime``: one intra-op thread per
@@ -82,7 +85,14 @@ def main() -> None:
     parser.add_argument('-warmup', type=int, default=3)
     parser.add_argument('-iters', type=int, default=10)
     parser.add_argument('-num_classes', type=int, default=1000)
+    parser.add_argument('-threads', type=int, default=None, help='run on this many cores (default: all)')
     args = parser.parse_args()
+    if args.threads is not None:
+        cores = sorted(os.sched_getaffinity(0))
+        if not 1 <= args.threads <= len(cores):
+            raise SystemExit(f'error: -threads {args.threads}: this process may use 1 to {len(cores)} cores')
+        os.sched_setaffinity(0, cores[:args.threads])
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model = build_model(args.depth, args.num_classes)
@@ -119,8 +129,9 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     # the median step resists the odd slow step that other processes cause
     step_s = sorted(times)[len(times) // 2]
-    print(f'torch {torch.__version__}, threads {torch.get_num_threads()}, depth {args.depth}, '
-          f'{args.mode}, batch {args.batch_size}, {args.image_size}px, fp32')
+    print(f'torch {torch.__version__}, threads {torch.get_num_threads()}, ATen CPU capability '
+          f'{torch.backends.cpu.get_cpu_capability()}, oneDNN ISA limit {os.environ.get("ONEDNN_MAX_CPU_ISA", "none")}, '
+          f'depth {args.depth}, {args.mode}, batch {args.batch_size}, {args.image_size}px, fp32')
     print(f'{step_s * 1e3:.1f} ms/step (median of {args.iters}), peak memory {peak_memory_mb():.0f} MiB')
     print(f'throughput: {args.batch_size / step_s:.2f} img/s')
 

@@ -23,7 +23,8 @@ from typing import Callable, Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import runtime  # noqa: E402,F401  (before paddle)
+import runtime  # noqa: E402
+runtime.configure()  # before paddle: threads, MKL's code path, allocator
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 

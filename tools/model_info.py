@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import runtime  # noqa: E402,F401  (before paddle)
+import runtime  # noqa: E402
+runtime.configure()  # before paddle: threads, MKL's code path, allocator
 import paddle  # noqa: E402
 import paddle.nn as nn  # noqa: E402
 

@@ -1,0 +1,42 @@
+"""tools/benchmark.py reports the machine it measured on and takes -threads (no timings checked)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cpu_kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def benchmark(*args, **env) -> subprocess.CompletedProcess:
+    command = [sys.executable, 'tools/benchmark.py', '-cfg', 'configs/cvt-demo.yaml', '-batch_size', '2',
+               '-warmup', '1', '-iters', '1', *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env},
+                          timeout=300)
+
+
+def test_prints_cpu_isa_mkl_path_kernel_build_and_threads():
+    result = benchmark('-mode', 'train', '-threads', '1')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith('cpu: ') and 'vector ISA' in lines[0] and '1 cores used' in lines[0]
+    assert lines[1].startswith('threads 1, MKL code path ') and 'CPU kernels ' in lines[1]
+    assert lines[-1].startswith('throughput: ') and lines[-1].endswith(' img/s')
+
+
+@pytest.mark.skipif(cpu_kernels.native_isa() != 'avx512' or cpu_kernels.load() is None,
+                    reason='needs an AVX-512 CPU and a C compiler to emulate an AVX2 one')
+def test_emulated_avx2_machine_is_reported():
+    result = benchmark(CVT_CPU_ISA='avx2', MKL_DEBUG_CPU_TYPE='5')
+    assert result.returncode == 0, result.stderr
+    assert 'MKL code path AVX2 (MKL_DEBUG_CPU_TYPE=5)' in result.stdout
+    assert 'CPU kernels avx2 build' in result.stdout
+
+
+def test_too_many_threads_is_one_line_error():
+    result = benchmark('-threads', '999')
+    assert result.returncode == 2
+    assert result.stderr.strip() == f'error: -threads 999: this process may use 1 to {len(os.sched_getaffinity(0))} cores'

@@ -1,0 +1,128 @@
+"""Each CPU kernel of each build against Paddle's own op, on CvT-13's shapes (batch 16, 224).
+
+    python tools/benchmark_kernels.py                    # every build this CPU runs, all cores
+    python tools/benchmark_kernels.py -builds avx2 -threads 1 -repeats 21
+
+For every kernel in cpu_kernels.KERNELS it times the forward alone (inference)
+and forward + backward (training) of the kernel and of the Paddle op it
+replaces, alternately, and prints the medians and Paddle's time over the
+kernel's (above 1: the kernel is faster). cpu_kernels.FASTER_THAN_PADDLE, the
+table of which kernel each build uses, comes from this tool's figures
+(docs/speed.md has them).
+"""
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import runtime  # noqa: E402
+
+runtime.configure()  # before paddle: threads, MKL's code path, allocator
+import paddle  # noqa: E402
+import paddle.nn.functional as F  # noqa: E402
+
+import cpu_kernels  # noqa: E402
+from utils import fail  # noqa: E402
+
+Op = Callable[..., paddle.Tensor]
+
+
+def leaf(shape: Sequence[int], grad: bool = True) -> paddle.Tensor:
+    t = paddle.randn(list(shape))
+    t.stop_gradient = not grad
+    return t
+
+
+def cases() -> List[Tuple[str, str, Op, Op, List[paddle.Tensor]]]:
+    """(kernel, what, Paddle's op, the kernel, inputs) on CvT-13's largest shapes."""
+    stage1 = leaf([16, 64, 56, 56])
+    return [
+        ('depthwise_conv', '3x3 s1, 16x64x56x56',
+         lambda x, w: F.conv2d(x, w, padding=1, groups=64),
+         lambda x, w: cpu_kernels.depthwise_conv2d(x, w, None, 1, 1), [stage1, leaf([64, 1, 3, 3])]),
+        ('depthwise_conv', '3x3 s2, 16x64x56x56',
+         lambda x, w: F.conv2d(x, w, stride=2, padding=1, groups=64),
+         lambda x, w: cpu_kernels.depthwise_conv2d(x, w, None, 2, 1), [stage1, leaf([64, 1, 3, 3])]),
+        ('softmax', '16x1x3136x784',
+         lambda x: F.softmax(x, axis=-1), cpu_kernels.softmax, [leaf([16, 1, 3136, 784])]),
+        ('layer_norm', '16x3136x64',
+         lambda x, w, b: F.layer_norm(x, [64], w, b, 1e-5),
+         lambda x, w, b: cpu_kernels.layer_norm(x, w, b, 1e-5), [leaf([16, 3136, 64]), leaf([64]), leaf([64])]),
+        ('silu', '16x3136x256', F.silu, cpu_kernels.silu, [leaf([16, 3136, 256])]),
+        ('bias_grad', 'linear 50176x64 -> 256',
+         F.linear, cpu_kernels.linear, [leaf([16, 3136, 64]), leaf([64, 256]), leaf([256])]),
+        ('bias_grad', 'bias on 16x192x784 maps',
+         lambda x, b: x + b.reshape([1, -1, 1]),
+         lambda x, b: cpu_kernels.add_bias(x, b, axis=1), [leaf([16, 192, 784]), leaf([192])]),
+    ]
+
+
+def timed(op: Op, inputs: List[paddle.Tensor], backward: bool) -> float:
+    start = time.perf_counter()
+    if backward:
+        out = op(*inputs)
+        paddle.grad(out, [t for t in inputs if not t.stop_gradient], paddle.ones_like(out))
+    else:
+        with paddle.no_grad():
+            op(*inputs)
+    return time.perf_counter() - start
+
+
+def median(values: List[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def load_build(isa: str) -> None:
+    """Load the `isa` build of the kernels in place of the one loaded."""
+    os.environ['CVT_CPU_ISA'] = isa
+    cpu_kernels._load_attempted, cpu_kernels._library, cpu_kernels._isa = False, None, None
+    if cpu_kernels.load() is None or cpu_kernels.active_build() != isa:
+        fail(f'the {isa} build of the CPU kernels could not be loaded (see the warning above)')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    runnable = {'avx512': ['avx512', 'avx2'], 'avx2': ['avx2']}.get(cpu_kernels.native_isa(), [])
+    parser.add_argument('-builds', nargs='+', choices=('avx512', 'avx2'), default=runnable)
+    parser.add_argument('-threads', type=int, default=None, help='kernel threads (default: all usable cores)')
+    parser.add_argument('-repeats', type=int, default=11, help='alternating timings per op (median)')
+    args = parser.parse_args()
+    if not args.builds:
+        fail('this CPU runs no kernel build (neither AVX2 nor AVX-512)')
+    for isa in args.builds:
+        if isa not in runnable:
+            fail(f'-builds {isa}: this CPU ({cpu_kernels.native_isa() or "no AVX2"}) cannot run it')
+    threads = args.threads or runtime.usable_cores()
+    vendor, model = runtime.cpu_model()
+    print(f'{model} ({vendor}), kernel threads {threads}, paddle {paddle.__version__}; '
+          f'median of {args.repeats} alternating timings, ms')
+    print(f'{"build":<7} {"kernel":<15} {"shape":<26} {"paddle fwd":>10} {"ours fwd":>9} {"x":>5} '
+          f'{"paddle f+b":>10} {"ours f+b":>9} {"x":>5}')
+    paddle.seed(0)
+    table = cases()
+    for isa in args.builds:
+        load_build(isa)
+        cpu_kernels.load().cvt_set_threads(threads)
+        for kernel, shape, reference, ours, inputs in table:
+            row: Dict[str, float] = {}
+            for backward in (False, True):
+                for op in (reference, ours, reference, ours):  # warm-up
+                    timed(op, inputs, backward)
+                times = {'paddle': [], 'ours': []}
+                for _ in range(args.repeats):
+                    times['paddle'].append(timed(reference, inputs, backward))
+                    times['ours'].append(timed(ours, inputs, backward))
+                for side in times:
+                    row[f'{side} {"f+b" if backward else "fwd"}'] = median(times[side]) * 1e3
+            fwd = row['paddle fwd'] / row['ours fwd']
+            both = row['paddle f+b'] / row['ours f+b']
+            print(f'{isa:<7} {kernel:<15} {shape:<26} {row["paddle fwd"]:>10.2f} {row["ours fwd"]:>9.2f} '
+                  f'{fwd:>5.2f} {row["paddle f+b"]:>10.2f} {row["ours f+b"]:>9.2f} {both:>5.2f}', flush=True)
+
+
+if __name__ == '__main__':
+    main()
