@@ -104,7 +104,8 @@ def tokens_to_map(x, h: int, w: int):
     # dynamic batch cannot infer it
     x = x.transpose([0, 2, 1]).reshape([0, x.shape[2], h, w])
     # Paddle 3 returns a strided view here; copy it once, not in each convolution that reads it
-    return x.contiguous() if hasattr(x, 'contiguous') else x
+    # (static graphs, export: no strided views, and no contiguous() to call)
+    return x.contiguous() if paddle.in_dynamic_mode() and hasattr(x, 'contiguous') else x
 
 
 def split_cls_token(x) -> Tuple[paddle.Tensor, paddle.Tensor]:
@@ -464,8 +465,11 @@ def load_pretrained(model: nn.Layer, path: str, log=print, allow_other_head: boo
     if problems:
         raise ValueError(f'{path} does not fit the model: ' + '; '.join(problems))
     if skipped:
-        log(f'{path}: classifier head {shape(state[skipped[0]])} does not fit the model '
-            f'(MODEL.NUM_CLASSES = {getattr(model, "num_classes", "?")}); left out, trained from scratch')
+        if getattr(model, 'num_classes', None) == 0:
+            log(f'{path}: classifier head left out (MODEL.NUM_CLASSES = 0: the model has none)')
+        else:
+            log(f'{path}: classifier head {shape(state[skipped[0]])} does not fit the model '
+                f'(MODEL.NUM_CLASSES = {getattr(model, "num_classes", "?")}); left out, trained from scratch')
     # the model's own head stands in for a skipped one, so nothing is reported missing
     model.set_state_dict({k: (own[k] if k in skipped else v) for k, v in state.items() if k in own})
     return skipped
