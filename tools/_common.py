@@ -26,9 +26,13 @@ def load_config(cfg_file: str, opts: Optional[Sequence[str]] = None):
         fail(str(err))
 
 
-def add_model_overrides(parser) -> None:
-    """-num_classes and -image_size: a model fine-tuned to other classes or another
-    input size, run with the config it was fine-tuned from."""
+def add_model_arguments(parser) -> None:
+    """The model a tool runs: -cfg, -opts, -pretrained, and the overrides of a model
+    fine-tuned to other classes or another input size (-num_classes, -image_size),
+    run with the config it was fine-tuned from; `model_config` reads them."""
+    parser.add_argument('-cfg', required=True, help='model config yaml')
+    add_opts_argument(parser)
+    parser.add_argument('-pretrained', required=True, help='weights (.pdparams; the suffix may be left out)')
     parser.add_argument('-num_classes', type=int, default=None,
                         help='classes of the model (default MODEL.NUM_CLASSES of the config)')
     parser.add_argument('-image_size', type=int, default=None,
@@ -36,7 +40,7 @@ def add_model_overrides(parser) -> None:
 
 
 def model_config(args):
-    """The config of `args.cfg` with the overrides of `add_model_overrides`, or exit
+    """The config of `args.cfg` with the -opts and overrides of `add_model_arguments`, or exit
     naming what is wrong."""
     import argparse
     from config import ConfigError, update_config

@@ -24,7 +24,7 @@ runtime.configure()  # before paddle: threads, MKL's code path, allocator
 import paddle  # noqa: E402
 from paddle.static import InputSpec  # noqa: E402
 
-from tools._common import (add_model_overrides, add_opts_argument, check_weights_file, fail,  # noqa: E402
+from tools._common import (add_model_arguments, check_weights_file, fail,  # noqa: E402
                            load_model, model_config)
 
 MODEL_PREFIX = 'inference'
@@ -34,11 +34,8 @@ INPUT_NAME = 'image'
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Export a CvT as a Paddle Inference model.')
-    parser.add_argument('-cfg', required=True, help='model config yaml')
-    add_opts_argument(parser)
-    parser.add_argument('-pretrained', required=True, help='weights (.pdparams; the suffix may be left out)')
+    add_model_arguments(parser)
     parser.add_argument('-output', required=True, help='folder to write the inference model into')
-    add_model_overrides(parser)
     return parser.parse_args(argv)
 
 

@@ -31,7 +31,7 @@ runtime.configure()  # before paddle: threads, MKL's code path, allocator
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-from tools._common import (add_model_overrides, add_opts_argument, check_weights_file, fail,  # noqa: E402
+from tools._common import (add_model_arguments, check_weights_file, fail,  # noqa: E402
                            load_model, model_config)
 from tools.export_model import MODEL_PREFIX, export, preprocess_of  # noqa: E402
 
@@ -47,12 +47,9 @@ INSTALL_HINT = 'pip install -r requirements-deploy.txt'
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Export a CvT to ONNX and check it with ONNX Runtime.')
-    parser.add_argument('-cfg', required=True, help='model config yaml')
-    add_opts_argument(parser)
-    parser.add_argument('-pretrained', required=True, help='weights (.pdparams; the suffix may be left out)')
+    add_model_arguments(parser)
     parser.add_argument('-output', required=True, help='the .onnx file to write')
     parser.add_argument('-opset', type=int, default=DEFAULT_OPSET, help=f'ONNX opset (default {DEFAULT_OPSET})')
-    add_model_overrides(parser)
     return parser.parse_args(argv)
 
 

@@ -20,22 +20,19 @@ runtime.configure()  # before paddle: threads, MKL's code path, allocator
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-from tools._common import (add_model_overrides, add_opts_argument, check_topk, check_weights_file,  # noqa: E402
+from tools._common import (add_model_arguments, check_topk, check_weights_file,  # noqa: E402
                            fail, list_images, load_model, model_config, print_predictions,
                            read_labels, val_transform)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Top-k classes of images with a CvT model.')
-    parser.add_argument('-cfg', required=True, help='model config yaml')
-    add_opts_argument(parser)
-    parser.add_argument('-pretrained', required=True, help='weights (.pdparams; the suffix may be left out)')
+    add_model_arguments(parser)
     parser.add_argument('images', nargs='+', help='image files and/or folders of images')
     parser.add_argument('-labels', help='class names, one a line in class-index order')
     parser.add_argument('-topk', type=int, default=5, help='classes to print per image (default 5)')
     parser.add_argument('-batch_size', type=int, default=None,
                         help='images per forward (default DATA.BATCH_SIZE_EVAL of the config)')
-    add_model_overrides(parser)
     return parser.parse_args(argv)
 
 

@@ -31,7 +31,7 @@ import paddle  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from cvt import record_attention  # noqa: E402
-from tools._common import (add_model_overrides, add_opts_argument, check_weights_file, fail,  # noqa: E402
+from tools._common import (add_model_arguments, check_weights_file, fail,  # noqa: E402
                            load_model, model_config, read_image, read_labels, softmax, top_k,
                            val_transform)
 
@@ -57,9 +57,7 @@ def parse_point(text: str) -> Tuple[int, int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Draw the attention maps of a CvT over an image.')
-    parser.add_argument('-cfg', required=True, help='model config yaml')
-    add_opts_argument(parser)
-    parser.add_argument('-pretrained', required=True, help='weights (.pdparams; the suffix may be left out)')
+    add_model_arguments(parser)
     parser.add_argument('-image', required=True, help='the image')
     parser.add_argument('-output', required=True, help='the PNG to write')
     parser.add_argument('-stage', type=int, default=None, help='stage 1..NUM_STAGES (default the last)')
@@ -68,7 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='query at image point X,Y, in pixels of the cropped image (default its centre; '
                              'on a stage with a cls token the default query is the cls token)')
     parser.add_argument('-labels', help='class names, one a line in class-index order, for the top-5')
-    add_model_overrides(parser)
     return parser.parse_args(argv)
 
 
