@@ -53,6 +53,14 @@ def model_config(args):
         fail(f'{args.cfg}: {err}')
 
 
+def classifier_config(args):
+    """`model_config(args)`, or exit when that model has no classifier (NUM_CLASSES 0)."""
+    config = model_config(args)
+    if config.MODEL.NUM_CLASSES < 1:
+        fail(f'{args.cfg}: MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}: the model has no classifier')
+    return config
+
+
 def check_weights_file(path: str) -> str:
     """The weights file `path` names (with or without `.pdparams`), or exit."""
     from cvt import resolve_weights_path

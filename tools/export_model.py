@@ -24,8 +24,8 @@ runtime.configure()  # before paddle: threads, MKL's code path, allocator
 import paddle  # noqa: E402
 from paddle.static import InputSpec  # noqa: E402
 
-from tools._common import (add_model_arguments, check_weights_file, fail,  # noqa: E402
-                           load_model, model_config)
+from tools._common import (add_model_arguments, check_weights_file, classifier_config,  # noqa: E402
+                           fail, load_model)
 
 MODEL_PREFIX = 'inference'
 PREPROCESS_FILE = 'preprocess.json'
@@ -78,9 +78,7 @@ def export(model: paddle.nn.Layer, config, output_dir: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = model_config(args)
-    if config.MODEL.NUM_CLASSES < 1:
-        fail(f'{args.cfg}: MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}: the model has no classifier')
+    config = classifier_config(args)
     weights = check_weights_file(args.pretrained)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         fail(f'{args.output}: exists and is not a folder')

@@ -31,8 +31,8 @@ runtime.configure()  # before paddle: threads, MKL's code path, allocator
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-from tools._common import (add_model_arguments, check_weights_file, fail,  # noqa: E402
-                           load_model, model_config)
+from tools._common import (add_model_arguments, check_weights_file, classifier_config,  # noqa: E402
+                           fail, load_model)
 from tools.export_model import MODEL_PREFIX, export, preprocess_of  # noqa: E402
 
 METADATA_KEY = 'cvt.preprocess'
@@ -140,9 +140,7 @@ def largest_difference(session, images: list, expected: list) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = model_config(args)
-    if config.MODEL.NUM_CLASSES < 1:
-        fail(f'{args.cfg}: MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES}: the model has no classifier')
+    config = classifier_config(args)
     weights = check_weights_file(args.pretrained)
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         fail(f'-opset {args.opset}: paddle2onnx 2.1 writes opsets {MIN_OPSET} to {MAX_OPSET}')

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from tools._common import (add_model_arguments, check_topk, check_weights_file,  # noqa: E402
-                           fail, list_images, load_model, model_config, print_predictions,
+                           classifier_config, fail, list_images, load_model, print_predictions,
                            read_labels, val_transform)
 
 
@@ -46,10 +46,8 @@ def logits_function(model: paddle.nn.Layer):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = model_config(args)
+    config = classifier_config(args)
     num_classes = config.MODEL.NUM_CLASSES
-    if num_classes < 1:
-        fail(f'{args.cfg}: MODEL.NUM_CLASSES is {num_classes}: the model has no classifier')
     check_topk(args.topk, num_classes)
     batch_size = args.batch_size or config.DATA.BATCH_SIZE_EVAL
     if batch_size < 1:
