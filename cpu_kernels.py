@@ -53,7 +53,7 @@ _ISA_CPU_FLAGS = {
 
 # The kernels measured faster than Paddle's op, per build (tools/benchmark_kernels.py
 # on CvT-13's shapes, forward + backward; figures in docs/speed.md).
-KERNELS = ('depthwise_conv', 'softmax', 'layer_norm', 'silu', 'bias_grad')
+KERNELS = ('depthwise_conv', 'patch_conv', 'softmax', 'layer_norm', 'silu', 'bias')
 FASTER_THAN_PADDLE = {
     'avx512': frozenset(KERNELS),
     'avx2': frozenset(KERNELS),
@@ -151,6 +151,9 @@ def _declare(library: ctypes.CDLL) -> None:
         'cvt_silu_forward': [ptr] * 2 + [i64],
         'cvt_silu_backward': [ptr] * 3 + [i64],
         'cvt_channel_sum': [ptr] * 2 + [i64] * 3,
+        'cvt_add_bias': [ptr] * 3 + [i64] * 3,
+        'cvt_im2col': [ptr] * 2 + [i64] * 9,
+        'cvt_col2im': [ptr] * 2 + [i64] * 9,
     }
     for name, argtypes in signatures.items():
         function = getattr(library, name)
@@ -288,6 +291,49 @@ def depthwise_conv2d(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[pad
     return _DepthwiseConv2D.apply(x, weight, stride, padding)
 
 
+class _Im2Col(PyLayer):
+    @staticmethod
+    def forward(ctx, x, kernel: int, stride: int, padding: int):
+        x = _contiguous(x)
+        batch, channels, height, width = (int(s) for s in x.shape)
+        out_h = (height + 2 * padding - kernel) // stride + 1
+        out_w = (width + 2 * padding - kernel) // stride + 1
+        ctx.geometry = (batch, channels, height, width, kernel, stride, padding, out_h, out_w)
+        cols = _empty([batch * out_h * out_w, channels * kernel * kernel])
+        load().cvt_im2col(_ptr(x), _ptr(cols), *ctx.geometry)
+        return cols
+
+    @staticmethod
+    def backward(ctx, dcols):
+        batch, channels, height, width = ctx.geometry[:4]
+        dx = _empty([batch, channels, height, width])
+        load().cvt_col2im(_ptr(_contiguous(dcols)), _ptr(dx), *ctx.geometry)
+        return dx
+
+
+def patch_conv(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor],
+               stride: int, padding: int) -> Tuple[paddle.Tensor, int, int]:
+    """A convolution of (B, C, H, W) `x` with an (O, C, K, K) `weight`, giving
+    (B, OH*OW, O) tokens, OH and OW (the layout the patch embedding wants next): the K x K
+    patches as rows (a threaded im2col) times the weight, one GEMM for the whole
+    batch, where Paddle's CPU convolution runs a small GEMM per image."""
+    kernel = int(weight.shape[-1])
+    if int(weight.shape[-2]) != kernel:
+        raise ValueError(f'patch_conv: a square kernel is needed, got {list(weight.shape)}')
+    batch, height, width = int(x.shape[0]), int(x.shape[2]), int(x.shape[3])
+    out_h = (height + 2 * padding - kernel) // stride + 1
+    out_w = (width + 2 * padding - kernel) // stride + 1
+    cols = _Im2Col.apply(x, kernel, stride, padding)
+    weight_t = weight.reshape([int(weight.shape[0]), -1]).transpose([1, 0])
+    if bias is None:
+        tokens = paddle.matmul(cols, weight_t)
+    elif paddle.is_grad_enabled() and not (weight.stop_gradient and bias.stop_gradient and x.stop_gradient):
+        tokens = linear(cols, weight_t, bias)
+    else:
+        tokens = paddle.addmm(bias.unsqueeze(0), cols, weight_t)
+    return tokens.reshape([batch, out_h * out_w, int(weight.shape[0])]), out_h, out_w
+
+
 class _Softmax(PyLayer):
     @staticmethod
     def forward(ctx, x):
@@ -340,6 +386,13 @@ class _LayerNorm(PyLayer):
 
 def layer_norm(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor, epsilon: float) -> paddle.Tensor:
     """LayerNorm over the last axis with an affine `weight` and `bias`."""
+    if not paddle.is_grad_enabled() or all(t.stop_gradient for t in (x, weight, bias)):
+        x = _contiguous(x)
+        cols = int(x.shape[-1])
+        y = _empty(x.shape)
+        load().cvt_layer_norm_forward(_ptr(x), _ptr(_contiguous(weight)), _ptr(_contiguous(bias)), _ptr(y),
+                                      None, None, int(x.size) // cols, cols, epsilon)
+        return y
     return _LayerNorm.apply(x, weight, bias, epsilon)
 
 
@@ -366,19 +419,22 @@ def silu(x: paddle.Tensor) -> paddle.Tensor:
     return _SiLU.apply(x)
 
 
+def _around_axis(shape: Sequence[int], axis: int) -> Tuple[int, int, int]:
+    """(A, C, L): the sizes before `axis`, at it and after it, multiplied out."""
+    outer = inner = 1
+    for s in shape[:axis]:
+        outer *= int(s)
+    for s in shape[axis + 1:]:
+        inner *= int(s)
+    return outer, int(shape[axis]), inner
+
+
 def channel_sum(x: paddle.Tensor, channels_axis: int) -> paddle.Tensor:
     """Sum of `x` over every axis but `channels_axis`: the gradient of a broadcast bias."""
     x = _contiguous(x)
-    shape = [int(s) for s in x.shape]
-    channels_axis %= len(shape)
-    outer = 1
-    for s in shape[:channels_axis]:
-        outer *= s
-    inner = 1
-    for s in shape[channels_axis + 1:]:
-        inner *= s
-    out = _empty([shape[channels_axis]])
-    load().cvt_channel_sum(_ptr(x), _ptr(out), outer, shape[channels_axis], inner)
+    outer, channels, inner = _around_axis(x.shape, channels_axis % len(x.shape))
+    out = _empty([channels])
+    load().cvt_channel_sum(_ptr(x), _ptr(out), outer, channels, inner)
     return out
 
 
@@ -407,14 +463,19 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> padd
     return _Linear.apply(x, weight, bias)
 
 
+def _add_bias_forward(x: paddle.Tensor, bias: paddle.Tensor, axis: int) -> paddle.Tensor:
+    x = _contiguous(x)
+    y = _empty(x.shape)
+    load().cvt_add_bias(_ptr(x), _ptr(_contiguous(bias)), _ptr(y), *_around_axis(x.shape, axis))
+    return y
+
+
 class _AddBias(PyLayer):
     @staticmethod
     def forward(ctx, x, bias, axis: int):
         ctx.needs_grad = _needs_grad(x, bias)
-        ctx.axis = axis % len(x.shape)
-        # (C, 1, ..) broadcasts over the leading axes; Paddle's CPU add is several times
-        # slower when the bias is given as many axes as x, (1, C, 1)
-        return x + bias.reshape([-1] + [1] * (len(x.shape) - 1 - ctx.axis))
+        ctx.axis = axis
+        return _add_bias_forward(x, bias, axis)
 
     @staticmethod
     def backward(ctx, dy):
@@ -423,5 +484,9 @@ class _AddBias(PyLayer):
 
 
 def add_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int = -1) -> paddle.Tensor:
-    """`x` plus a 1-D `bias` broadcast along `axis`; the bias gradient is a threaded sum."""
+    """`x` plus a 1-D `bias` broadcast along `axis`, in one threaded pass (Paddle's
+    broadcasting add is single-threaded); the bias gradient is a threaded sum."""
+    axis %= len(x.shape)
+    if not paddle.is_grad_enabled() or (x.stop_gradient and bias.stop_gradient):
+        return _add_bias_forward(x, bias, axis)
     return _AddBias.apply(x, bias, axis)

@@ -17,7 +17,8 @@ What they do differently, and why (measured figures in docs/speed.md):
   SiLU pass instead of scale, sigmoid and multiply.
 - On the CPU, biases go into the GEMM (addmm) and are broadcast as (C, 1), and
   the threaded C kernels of cpu_kernels.py replace Paddle's single-threaded
-  depthwise convolution, softmax, LayerNorm, SiLU and bias gradients, each only
+  depthwise convolution, softmax, LayerNorm, SiLU, bias additions and bias
+  gradients, each only
   on the instruction sets where it measured faster (`cpu_kernels.use`).
 - Elsewhere (GPU): k's and v's depthwise convolutions run as one grouped
   convolution, and under float16/bfloat16 the attention is
@@ -51,7 +52,7 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor
     """
     if bias is None or not on_cpu(x):
         return F.linear(x, weight, bias)
-    if paddle.is_grad_enabled() and cpu_kernels.use('bias_grad', x):
+    if paddle.is_grad_enabled() and cpu_kernels.use('bias', x):
         return cpu_kernels.linear(x, weight, bias)  # the same forward, a faster bias gradient
     rows = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
     return rows.reshape(list(x.shape[:-1]) + [weight.shape[1]])
@@ -60,7 +61,7 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor
 def add_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int = -1) -> paddle.Tensor:
     """`x` plus a 1-D `bias` along `axis`, broadcast as (C, 1, ..): Paddle's CPU add
     is several times slower for a bias shaped (1, C, 1)."""
-    if cpu_kernels.use('bias_grad', x):
+    if cpu_kernels.use('bias', x):
         return cpu_kernels.add_bias(x, bias, axis)
     return x + bias.reshape([-1] + [1] * (len(x.shape) - 1 - axis % len(x.shape)))
 
@@ -68,10 +69,8 @@ def add_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int = -1) -> paddle.Te
 # ---- LayerNorm, MLP, token embedding -------------------------------------------------
 
 def layer_norm(norm: nn.LayerNorm, x: paddle.Tensor) -> paddle.Tensor:
-    """`norm` (over the last axis) through the threaded kernel when a gradient is
-    wanted: Paddle's CPU forward is as fast as the kernel's, its gradient is not."""
-    if (paddle.is_grad_enabled() and norm.weight is not None and norm.bias is not None
-            and cpu_kernels.use('layer_norm', x)):
+    """`norm` (over the last axis) through the threaded kernel on the CPU."""
+    if norm.weight is not None and norm.bias is not None and cpu_kernels.use('layer_norm', x):
         return cpu_kernels.layer_norm(x, norm.weight, norm.bias, norm._epsilon)
     return F.layer_norm(x, norm._normalized_shape, norm.weight, norm.bias, norm._epsilon)
 
@@ -88,10 +87,15 @@ def mlp(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
 
 
 def conv_embed(layer: nn.Layer, x: paddle.Tensor) -> Tuple[paddle.Tensor, int, int]:
-    """The token embedding with the convolution's bias added as (C, 1, 1) on the CPU:
-    Paddle's CPU add takes a slow path for Conv2D's (1, C, 1, 1), and its bias
-    gradient is single-threaded."""
+    """The token embedding. On the CPU the convolution is one GEMM over the whole
+    batch's patches (cpu_kernels.patch_conv), which gives tokens without a
+    transpose; else its bias is added as (C, 1, 1): Paddle's CPU add takes a slow
+    path for Conv2D's (1, C, 1, 1), and its bias gradient is single-threaded."""
     conv = layer.proj
+    if _patch_conv_fits(conv) and cpu_kernels.use('patch_conv', x):
+        tokens, h, w = cpu_kernels.patch_conv(x, conv.weight, conv.bias, conv._stride[0],
+                                              conv._updated_padding[0])
+        return layer.norm(tokens), h, w
     if conv.bias is not None and on_cpu(x) and paddle.in_dynamic_mode():
         x = F.conv2d(x, conv.weight, None, conv._stride, conv._padding, conv._dilation, conv._groups)
         x = add_bias(x, conv.bias, axis=1)
@@ -99,6 +103,16 @@ def conv_embed(layer: nn.Layer, x: paddle.Tensor) -> Tuple[paddle.Tensor, int, i
         x = conv(x)
     h, w = x.shape[2], x.shape[3]
     return layer.norm(x.flatten(2).transpose([0, 2, 1])), h, w
+
+
+def _patch_conv_fits(conv: nn.Conv2D) -> bool:
+    """Whether cpu_kernels.patch_conv computes `conv`: no groups, NCHW, a square
+    kernel, equal strides and zero paddings, no dilation."""
+    kernel, stride, padding = list(conv._kernel_size), list(conv._stride), conv._updated_padding
+    return (conv._groups == 1 and conv._data_format == 'NCHW' and conv._padding_mode == 'zeros'
+            and list(conv._dilation) == [1, 1] and kernel[0] == kernel[1]
+            and stride[0] == stride[1] and isinstance(padding, (list, tuple)) and len(padding) == 2
+            and padding[0] == padding[1])
 
 
 # ---- attention ---------------------------------------------------------------------------

@@ -188,6 +188,68 @@ void cvt_dwconv2d_backward(const float *dy, const float *x, const float *weight,
     }
 }
 
+/* ---- patch embedding: convolution as im2col + GEMM ------------------------------
+ * cols (B*OH*OW, C*K*K): row (b, oh, ow) holds the K x K patch of every input
+ * channel under output position (oh, ow), in the order of a (O, C, K, K) weight,
+ * so that the convolution is one GEMM, cols x weight^T, giving tokens directly.
+ * Zero padding `pad`, the same stride on both axes. */
+void cvt_im2col(const float *restrict x, float *restrict cols,
+                int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
+                int64_t stride, int64_t pad, int64_t OH, int64_t OW) {
+    const int64_t width = C * K * K;
+    #pragma omp parallel for schedule(static) num_threads(threads_for(B * OH * OW * width))
+    for (int64_t line = 0; line < B * OH; ++line) {
+        const int64_t b = line / OH, oh = line % OH;
+        for (int64_t ow = 0; ow < OW; ++ow) {
+            float *restrict row = cols + (line * OW + ow) * width;
+            for (int64_t c = 0; c < C; ++c) {
+                const float *plane = x + (b * C + c) * H * W;
+                for (int64_t kh = 0; kh < K; ++kh) {
+                    const int64_t ih = oh * stride - pad + kh;
+                    float *restrict out = row + (c * K + kh) * K;
+                    if (ih < 0 || ih >= H) {
+                        for (int64_t kw = 0; kw < K; ++kw) out[kw] = 0.0f;
+                        continue;
+                    }
+                    const float *in = plane + ih * W;
+                    for (int64_t kw = 0; kw < K; ++kw) {
+                        const int64_t iw = ow * stride - pad + kw;
+                        out[kw] = (iw >= 0 && iw < W) ? in[iw] : 0.0f;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* The gradient of cvt_im2col: dx (B, C, H, W) gathers every column entry that
+ * copied it. One thread per image, so the additions need no atomics. */
+void cvt_col2im(const float *restrict dcols, float *restrict dx,
+                int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
+                int64_t stride, int64_t pad, int64_t OH, int64_t OW) {
+    const int64_t width = C * K * K;
+    #pragma omp parallel for schedule(static) num_threads(threads_for(B * OH * OW * width))
+    for (int64_t b = 0; b < B; ++b) {
+        float *restrict image = dx + b * C * H * W;
+        memset(image, 0, sizeof(float) * C * H * W);
+        for (int64_t oh = 0; oh < OH; ++oh)
+            for (int64_t ow = 0; ow < OW; ++ow) {
+                const float *restrict row = dcols + ((b * OH + oh) * OW + ow) * width;
+                for (int64_t c = 0; c < C; ++c)
+                    for (int64_t kh = 0; kh < K; ++kh) {
+                        const int64_t ih = oh * stride - pad + kh;
+                        if (ih < 0 || ih >= H) continue;
+                        float *restrict out = image + (c * H + ih) * W;
+                        const float *restrict in = row + (c * K + kh) * K;
+                        for (int64_t kw = 0; kw < K; ++kw) {
+                            const int64_t iw = ow * stride - pad + kw;
+                            if (iw >= 0 && iw < W) out[iw] += in[kw];
+                        }
+                    }
+            }
+    }
+}
+
 /* ---- softmax over the last axis ---------------------------------------------- */
 
 void cvt_softmax_forward(const float *x, float *y, int64_t rows, int64_t cols) {
@@ -226,12 +288,14 @@ void cvt_softmax_backward(const float *y, const float *dy, float *dx, int64_t ro
 
 /* ---- LayerNorm over the last axis -------------------------------------------- */
 
-void cvt_layer_norm_forward(const float *x, const float *gamma, const float *beta, float *y,
-                            float *mean, float *rstd, int64_t rows, int64_t cols, float eps) {
+void cvt_layer_norm_forward(const float *restrict x, const float *restrict gamma,
+                            const float *restrict beta, float *restrict y,
+                            float *restrict mean, float *restrict rstd,
+                            int64_t rows, int64_t cols, float eps) {
     #pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols))
     for (int64_t r = 0; r < rows; ++r) {
-        const float *xr = x + r * cols;
-        float *yr = y + r * cols;
+        const float *restrict xr = x + r * cols;
+        float *restrict yr = y + r * cols;
         float total = 0.0f;
         #pragma omp simd reduction(+:total)
         for (int64_t i = 0; i < cols; ++i) total += xr[i];
@@ -243,6 +307,7 @@ void cvt_layer_norm_forward(const float *x, const float *gamma, const float *bet
             squares += d * d;
         }
         const float inv = 1.0f / sqrtf(squares / (float)cols + eps);
+        #pragma omp simd
         for (int64_t i = 0; i < cols; ++i) yr[i] = (xr[i] - mu) * inv * gamma[i] + beta[i];
         if (mean) mean[r] = mu;
         if (rstd) rstd[r] = inv;
@@ -308,6 +373,31 @@ void cvt_silu_backward(const float *x, const float *dy, float *dx, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
         const float s = 1.0f / (1.0f + exp_approx(-x[i]));
         dx[i] = dy[i] * s * (1.0f + x[i] * (1.0f - s));
+    }
+}
+
+/* ---- bias addition ---------------------------------------------------------------
+ * y[a, c, l] = x[a, c, l] + bias[c], x of shape (A, C, L): a bias added over rows
+ * (L = 1) or over channels-first maps. Paddle's CPU add broadcasts on one thread. */
+void cvt_add_bias(const float *restrict x, const float *restrict bias, float *restrict y,
+                  int64_t A, int64_t C, int64_t L) {
+    if (L == 1) {
+        #pragma omp parallel for schedule(static) num_threads(threads_for(A * C))
+        for (int64_t a = 0; a < A; ++a) {
+            const float *restrict xr = x + a * C;
+            float *restrict yr = y + a * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] + bias[c];
+        }
+        return;
+    }
+    #pragma omp parallel for schedule(static) num_threads(threads_for(A * C * L))
+    for (int64_t plane = 0; plane < A * C; ++plane) {
+        const float value = bias[plane % C];
+        const float *restrict xr = x + plane * L;
+        float *restrict yr = y + plane * L;
+        #pragma omp simd
+        for (int64_t l = 0; l < L; ++l) yr[l] = xr[l] + value;
     }
 }
 

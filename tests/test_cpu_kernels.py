@@ -86,6 +86,49 @@ def test_depthwise_conv2d_bias_is_inference_only():
 
 
 @needs_kernels
+@pytest.mark.parametrize('shape, out_channels, kernel, stride, padding', [
+    ((2, 3, 30, 30), 8, 7, 4, 2),   # CvT's first patch embedding
+    ((2, 5, 13, 11), 6, 3, 2, 1),   # the later ones, odd sizes
+    ((1, 4, 9, 9), 3, 3, 1, 1),
+    ((2, 2, 8, 8), 4, 4, 4, 0),     # ViT-style patches
+])
+@pytest.mark.usefixtures('kernel_build')
+def test_patch_conv_matches_paddle(shape, out_channels, kernel, stride, padding):
+    x, weight, bias = leaf(*shape), leaf(out_channels, shape[1], kernel, kernel), leaf(out_channels)
+
+    def reference(x, w, b):
+        return F.conv2d(x, w, b, stride=stride, padding=padding).flatten(2).transpose([0, 2, 1])
+
+    _, height, width = cpu_kernels.patch_conv(x, weight, bias, stride, padding)
+    upstream = paddle.randn(reference(x, weight, bias).shape)
+    ours = lambda x, w, b: cpu_kernels.patch_conv(x, w, b, stride, padding)[0]
+    for got, want, name in zip(forward_and_grads(ours, [x, weight, bias], upstream),
+                               forward_and_grads(reference, [x, weight, bias], upstream),
+                               ['tokens', 'dx', 'dweight', 'dbias']):
+        assert_same(got, want, atol=1e-4, name=name)
+    expected_map = F.conv2d(x, weight, bias, stride=stride, padding=padding)
+    assert [height, width] == expected_map.shape[2:]
+    with paddle.no_grad():
+        assert_same(cpu_kernels.patch_conv(x, weight, bias, stride, padding)[0],
+                    reference(x, weight, bias), atol=1e-4)
+        assert_same(cpu_kernels.patch_conv(x, weight, None, stride, padding)[0],
+                    reference(x, weight, None), atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.usefixtures('kernel_build')
+def test_bias_and_layer_norm_without_gradients_match_paddle():
+    """Inference takes direct calls, not the PyLayers: the same values."""
+    maps, tokens = paddle.randn([3, 5, 7]), paddle.randn([2, 9, 6]) * 2 + 1
+    channel_bias, token_bias, weight = paddle.randn([5]), paddle.randn([6]), paddle.randn([6])
+    with paddle.no_grad():
+        assert_same(cpu_kernels.add_bias(maps, channel_bias, axis=1), maps + channel_bias.reshape([5, 1]))
+        assert_same(cpu_kernels.add_bias(tokens, token_bias), tokens + token_bias)
+        assert_same(cpu_kernels.layer_norm(tokens, weight, token_bias, 1e-5),
+                    F.layer_norm(tokens, [6], weight, token_bias, 1e-5), atol=1e-5)
+
+
+@needs_kernels
 @pytest.mark.parametrize('shape', [(3, 7), (2, 3, 50, 13), (4, 1, 1)])
 @pytest.mark.usefixtures('kernel_build')
 def test_softmax_matches_paddle(shape):
@@ -233,6 +276,7 @@ def test_frozen_inputs_get_no_gradient():
         (lambda x, w, b: cpu_kernels.layer_norm(x, w, b, 1e-5), [(3, 5), (5,), (5,)]),
         (cpu_kernels.linear, [(3, 5), (5, 2), (2,)]),
         (lambda x, b: cpu_kernels.add_bias(x, b, axis=1), [(2, 3, 4), (3,)]),
+        (lambda x, w, b: cpu_kernels.patch_conv(x, w, b, 2, 1)[0], [(2, 3, 6, 6), (4, 3, 3, 3), (4,)]),
     ]
     for op, shapes in ops:
         for frozen in range(len(shapes)):
