@@ -354,8 +354,20 @@ class _Softmax(PyLayer):
         return dx
 
 
-def softmax(x: paddle.Tensor) -> paddle.Tensor:
-    """Softmax over the last axis."""
+def _reusable(x: paddle.Tensor, overwrite: bool) -> bool:
+    """Whether a kernel may write its result into `x`: the caller says `x` is a
+    temporary it no longer needs, and no gradient is recorded (so autograd keeps
+    no reference to it)."""
+    return overwrite and x.is_contiguous() and (not paddle.is_grad_enabled() or x.stop_gradient)
+
+
+def softmax(x: paddle.Tensor, overwrite: bool = False) -> paddle.Tensor:
+    """Softmax over the last axis. `overwrite`: `x` is a temporary the caller no
+    longer needs; without gradients the result goes into it (one pass less over memory)."""
+    if _reusable(x, overwrite):
+        cols = int(x.shape[-1])
+        load().cvt_softmax_forward(_ptr(x), _ptr(x), int(x.size) // cols, cols)
+        return x
     return _Softmax.apply(x)
 
 
@@ -414,8 +426,11 @@ class _SiLU(PyLayer):
         return dx
 
 
-def silu(x: paddle.Tensor) -> paddle.Tensor:
-    """x * sigmoid(x)."""
+def silu(x: paddle.Tensor, overwrite: bool = False) -> paddle.Tensor:
+    """x * sigmoid(x); `overwrite` as for `softmax`."""
+    if _reusable(x, overwrite):
+        load().cvt_silu_forward(_ptr(x), _ptr(x), int(x.size))
+        return x
     return _SiLU.apply(x)
 
 
@@ -463,9 +478,9 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> padd
     return _Linear.apply(x, weight, bias)
 
 
-def _add_bias_forward(x: paddle.Tensor, bias: paddle.Tensor, axis: int) -> paddle.Tensor:
+def _add_bias_forward(x: paddle.Tensor, bias: paddle.Tensor, axis: int, overwrite: bool = False) -> paddle.Tensor:
     x = _contiguous(x)
-    y = _empty(x.shape)
+    y = x if overwrite else _empty(x.shape)
     load().cvt_add_bias(_ptr(x), _ptr(_contiguous(bias)), _ptr(y), *_around_axis(x.shape, axis))
     return y
 
@@ -483,10 +498,11 @@ class _AddBias(PyLayer):
         return (dy if needs_x else None), (channel_sum(dy, ctx.axis) if needs_bias else None)
 
 
-def add_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int = -1) -> paddle.Tensor:
+def add_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int = -1, overwrite: bool = False) -> paddle.Tensor:
     """`x` plus a 1-D `bias` broadcast along `axis`, in one threaded pass (Paddle's
-    broadcasting add is single-threaded); the bias gradient is a threaded sum."""
+    broadcasting add is single-threaded); the bias gradient is a threaded sum.
+    `overwrite` as for `softmax`."""
     axis %= len(x.shape)
     if not paddle.is_grad_enabled() or (x.stop_gradient and bias.stop_gradient):
-        return _add_bias_forward(x, bias, axis)
+        return _add_bias_forward(x, bias, axis, _reusable(x, overwrite))
     return _AddBias.apply(x, bias, axis)

@@ -59,10 +59,11 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor
 
 
 def add_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int = -1) -> paddle.Tensor:
-    """`x` plus a 1-D `bias` along `axis`, broadcast as (C, 1, ..): Paddle's CPU add
-    is several times slower for a bias shaped (1, C, 1)."""
+    """`x` (a temporary of the caller's) plus a 1-D `bias` along `axis`: the threaded
+    kernel, else broadcast as (C, 1, ..) (Paddle's CPU add is several times slower
+    for a bias shaped (1, C, 1))."""
     if cpu_kernels.use('bias', x):
-        return cpu_kernels.add_bias(x, bias, axis)
+        return cpu_kernels.add_bias(x, bias, axis, overwrite=True)
     return x + bias.reshape([-1] + [1] * (len(x.shape) - 1 - axis % len(x.shape)))
 
 
@@ -82,7 +83,8 @@ def mlp(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
     the activations, and gradients flow through the scaling unchanged."""
     fc1, fc2 = layer.fc1, layer.fc2
     hidden = linear(x, fc1.weight * QUICK_GELU_SLOPE, fc1.bias * QUICK_GELU_SLOPE)
-    hidden = layer.drop(cpu_kernels.silu(hidden) if cpu_kernels.use('silu', hidden) else F.silu(hidden))
+    hidden = layer.drop(cpu_kernels.silu(hidden, overwrite=True) if cpu_kernels.use('silu', hidden)
+                        else F.silu(hidden))
     return layer.drop(linear(hidden, fc2.weight * (1.0 / QUICK_GELU_SLOPE), fc2.bias))
 
 
@@ -185,7 +187,10 @@ def _attend(attn: nn.Layer, q, k, v):
     k = heads(k, attn.proj_k.weight, attn.proj_k.bias)
     v = heads(v, attn.proj_v.weight, attn.proj_v.bias)
     scores = paddle.matmul(q, k, transpose_x=True)
-    weights = cpu_kernels.softmax(scores) if cpu_kernels.use('softmax', scores) else F.softmax(scores, axis=-1)
+    if cpu_kernels.use('softmax', scores):
+        weights = cpu_kernels.softmax(scores, overwrite=True)
+    else:
+        weights = F.softmax(scores, axis=-1)
     out = paddle.matmul(v, attn.attn_drop(weights), transpose_y=True)  # (B, heads, head_dim, Lq)
     out = paddle.matmul(out.reshape([0, attn.dim_out, out.shape[-1]]), attn.proj.weight, transpose_x=True)
     return add_bias(out, attn.proj.bias)

@@ -119,27 +119,43 @@ void cvt_dwconv2d_forward(const float *x, const float *weight, const float *bias
     }
 }
 
-/* The gradients for one plane: the weight's, added to wsum (from the padded input),
- * and the input's (scattered into a zeroed padded plane, whose middle is dx). */
+/* The weight gradient's contributions of one plane, per tap and output column:
+ * acc[tap * OW + ow] += dy[oh, ow] * x[oh * stride + kh, ow * stride + kw] over oh.
+ * Summing into vectors (not one scalar per row) keeps the loop free of horizontal
+ * reductions; the caller adds the columns up once per channel. */
 static inline __attribute__((always_inline)) void
-dw_plane_backward(const float *dyp, const float *padded, float *dpadded, int64_t PW,
-                  const float *wp, double *wsum, int64_t OH, int64_t OW, int64_t K, int64_t stride) {
+dw_plane_weight_grad(const float *restrict dyp, const float *restrict padded, int64_t PW,
+                     float *restrict acc, int64_t OH, int64_t OW, int64_t K, int64_t stride) {
     for (int64_t oh = 0; oh < OH; ++oh) {
-        const float *dyr = dyp + oh * OW;
+        const float *restrict dyr = dyp + oh * OW;
         for (int64_t kh = 0; kh < K; ++kh) {
-            const float *xr = padded + (oh * stride + kh) * PW;
-            float *dxr = dpadded ? dpadded + (oh * stride + kh) * PW : NULL;
+            const float *restrict xr = padded + (oh * stride + kh) * PW;
             for (int64_t kw = 0; kw < K; ++kw) {
-                if (wsum) {
-                    float acc = 0.0f;
-                    #pragma omp simd reduction(+:acc)
-                    for (int64_t ow = 0; ow < OW; ++ow) acc += dyr[ow] * xr[ow * stride + kw];
-                    wsum[kh * K + kw] += acc;
-                }
-                if (dxr) {
-                    const float wv = wp[kh * K + kw];
-                    for (int64_t ow = 0; ow < OW; ++ow) dxr[ow * stride + kw] += wv * dyr[ow];
-                }
+                float *restrict at = acc + (kh * K + kw) * OW;
+                #pragma omp simd
+                for (int64_t ow = 0; ow < OW; ++ow) at[ow] += dyr[ow] * xr[ow * stride + kw];
+            }
+        }
+    }
+}
+
+/* The input gradient of one plane for stride > 1: each dy entry scattered through
+ * the K x K taps into a zeroed padded plane stored as `stride` column phases
+ * (column p of a padded row is phases[p % stride][p / stride]), so that every
+ * tap adds a contiguous run: tap kw of output column ow lands in phase
+ * kw % stride at ow + kw / stride. */
+static inline __attribute__((always_inline)) void
+dw_plane_input_grad_phased(const float *restrict dyp, float *restrict phases, int64_t PH, int64_t PWS,
+                           const float *restrict wp, int64_t OH, int64_t OW, int64_t K, int64_t stride) {
+    for (int64_t oh = 0; oh < OH; ++oh) {
+        const float *restrict dyr = dyp + oh * OW;
+        for (int64_t kh = 0; kh < K; ++kh) {
+            const int64_t row = oh * stride + kh;
+            for (int64_t kw = 0; kw < K; ++kw) {
+                float *restrict out = phases + ((kw % stride) * PH + row) * PWS + kw / stride;
+                const float wv = wp[kh * K + kw];
+                #pragma omp simd
+                for (int64_t ow = 0; ow < OW; ++ow) out[ow] += wv * dyr[ow];
             }
         }
     }
@@ -147,44 +163,73 @@ dw_plane_backward(const float *dyp, const float *padded, float *dpadded, int64_t
 
 /* Gradients of the depthwise convolution: dx (may be NULL) and dweight (C, K*K,
  * may be NULL). One thread owns a channel across the batch, so neither needs
- * atomics; the weight sums are accumulated in double. */
+ * atomics. With stride 1 the input gradient is itself a convolution (of dy,
+ * padded by K - 1 - pad, with the kernel flipped) and runs as the forward does. */
 void cvt_dwconv2d_backward(const float *dy, const float *x, const float *weight,
                            float *dx, float *dweight,
                            int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
                            int64_t stride, int64_t pad, int64_t OH, int64_t OW) {
     const int64_t PW = W + 2 * pad, PH = H + 2 * pad;
+    const int gather = stride == 1 && pad <= K - 1;
+    const int64_t dpad = K - 1 - pad;  /* dy's padding for the gathered dx */
+    const int64_t DPW = OW + 2 * dpad, DPH = OH + 2 * dpad;
     #pragma omp parallel num_threads(threads_for(B * C * OH * OW * K))
     {
-        float *padded = malloc(sizeof(float) * PH * PW);
-        float *dpadded = dx ? malloc(sizeof(float) * PH * PW) : NULL;
+        float *padded = dweight ? malloc(sizeof(float) * PH * PW) : NULL;
+        const int64_t PWS = (PW + stride - 1) / stride;  /* width of one column phase */
+        float *dpadded = dx ? malloc(sizeof(float) * (gather ? DPH * DPW : stride * PH * PWS)) : NULL;
+        float *acc = dweight ? malloc(sizeof(float) * K * K * OW) : NULL;
         #pragma omp for schedule(static, 1)
         for (int64_t c = 0; c < C; ++c) {
             const float *wp = weight + c * K * K;
-            double wsum[64];  /* K * K <= 64, checked by the caller */
-            for (int64_t i = 0; i < K * K; ++i) wsum[i] = 0.0;
+            float flipped[64];  /* K * K <= 64, checked by the caller */
+            for (int64_t i = 0; i < K * K; ++i) flipped[i] = wp[K * K - 1 - i];
+            if (acc) memset(acc, 0, sizeof(float) * K * K * OW);
             for (int64_t b = 0; b < B; ++b) {
                 const int64_t plane = b * C + c;
-                if (dweight) pad_plane(x + plane * H * W, padded, H, W, pad);
-                if (dpadded) memset(dpadded, 0, sizeof(float) * PH * PW);
-                double *sums = dweight ? wsum : NULL;
                 const float *dyp = dy + plane * OH * OW;
-                if (K == 3 && stride == 1)
-                    dw_plane_backward(dyp, padded, dpadded, PW, wp, sums, OH, OW, 3, 1);
-                else if (K == 3 && stride == 2)
-                    dw_plane_backward(dyp, padded, dpadded, PW, wp, sums, OH, OW, 3, 2);
-                else
-                    dw_plane_backward(dyp, padded, dpadded, PW, wp, sums, OH, OW, K, stride);
-                if (dpadded) {
-                    float *dxp = dx + plane * H * W;
-                    for (int64_t h = 0; h < H; ++h)
-                        memcpy(dxp + h * W, dpadded + (h + pad) * PW + pad, sizeof(float) * W);
+                if (acc) {
+                    pad_plane(x + plane * H * W, padded, H, W, pad);
+                    if (K == 3 && stride == 1)
+                        dw_plane_weight_grad(dyp, padded, PW, acc, OH, OW, 3, 1);
+                    else if (K == 3 && stride == 2)
+                        dw_plane_weight_grad(dyp, padded, PW, acc, OH, OW, 3, 2);
+                    else
+                        dw_plane_weight_grad(dyp, padded, PW, acc, OH, OW, K, stride);
                 }
+                if (!dpadded) continue;
+                float *dxp = dx + plane * H * W;
+                if (gather) {
+                    pad_plane(dyp, dpadded, OH, OW, dpad);
+                    if (K == 3)
+                        dw_plane_forward(dpadded, DPW, flipped, 0.0f, dxp, H, W, 3, 1);
+                    else
+                        dw_plane_forward(dpadded, DPW, flipped, 0.0f, dxp, H, W, K, 1);
+                    continue;
+                }
+                memset(dpadded, 0, sizeof(float) * stride * PH * PWS);
+                if (K == 3 && stride == 2)
+                    dw_plane_input_grad_phased(dyp, dpadded, PH, PWS, wp, OH, OW, 3, 2);
+                else
+                    dw_plane_input_grad_phased(dyp, dpadded, PH, PWS, wp, OH, OW, K, stride);
+                /* padded column p = j * stride + phase is input column p - pad */
+                for (int64_t h = 0; h < H; ++h)
+                    for (int64_t phase = 0; phase < stride; ++phase) {
+                        const float *from = dpadded + (phase * PH + h + pad) * PWS;
+                        for (int64_t j = (pad - phase + stride - 1) / stride; j * stride + phase - pad < W; ++j)
+                            dxp[h * W + j * stride + phase - pad] = from[j];
+                    }
             }
-            if (dweight)
-                for (int64_t i = 0; i < K * K; ++i) dweight[c * K * K + i] = (float)wsum[i];
+            if (acc)
+                for (int64_t i = 0; i < K * K; ++i) {
+                    double total = 0.0;
+                    for (int64_t ow = 0; ow < OW; ++ow) total += acc[i * OW + ow];
+                    dweight[c * K * K + i] = (float)total;
+                }
         }
         free(padded);
         free(dpadded);
+        free(acc);
     }
 }
 
@@ -378,14 +423,15 @@ void cvt_silu_backward(const float *x, const float *dy, float *dx, int64_t n) {
 
 /* ---- bias addition ---------------------------------------------------------------
  * y[a, c, l] = x[a, c, l] + bias[c], x of shape (A, C, L): a bias added over rows
- * (L = 1) or over channels-first maps. Paddle's CPU add broadcasts on one thread. */
-void cvt_add_bias(const float *restrict x, const float *restrict bias, float *restrict y,
+ * (L = 1) or over channels-first maps. Paddle's CPU add broadcasts on one thread.
+ * y may be x (in place): each element is read before it is written. */
+void cvt_add_bias(const float *x, const float *restrict bias, float *y,
                   int64_t A, int64_t C, int64_t L) {
     if (L == 1) {
         #pragma omp parallel for schedule(static) num_threads(threads_for(A * C))
         for (int64_t a = 0; a < A; ++a) {
-            const float *restrict xr = x + a * C;
-            float *restrict yr = y + a * C;
+            const float *xr = x + a * C;
+            float *yr = y + a * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] + bias[c];
         }
@@ -394,8 +440,8 @@ void cvt_add_bias(const float *restrict x, const float *restrict bias, float *re
     #pragma omp parallel for schedule(static) num_threads(threads_for(A * C * L))
     for (int64_t plane = 0; plane < A * C; ++plane) {
         const float value = bias[plane % C];
-        const float *restrict xr = x + plane * L;
-        float *restrict yr = y + plane * L;
+        const float *xr = x + plane * L;
+        float *yr = y + plane * L;
         #pragma omp simd
         for (int64_t l = 0; l < L; ++l) yr[l] = xr[l] + value;
     }

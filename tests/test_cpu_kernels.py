@@ -195,6 +195,27 @@ def test_linear_and_bias_gradients_match_paddle(shape):
 
 @needs_kernels
 @pytest.mark.usefixtures('kernel_build')
+def test_overwrite_reuses_a_temporary_only_without_gradients():
+    ops = [(cpu_kernels.softmax, lambda t: F.softmax(t, axis=-1)), (cpu_kernels.silu, F.silu),
+           (lambda t, **kw: cpu_kernels.add_bias(t, paddle.arange(5, dtype='float32'), **kw),
+            lambda t: t + paddle.arange(5, dtype='float32'))]
+    for ours, reference in ops:
+        x = paddle.randn([3, 4, 5])
+        want = reference(x)
+        with paddle.no_grad():
+            temporary = x.clone()
+            got = ours(temporary, overwrite=True)
+        assert_same(got, want, atol=1e-6)
+        assert_same(temporary, want, atol=1e-6)  # written in place
+        tracked = leaf(3, 4, 5)
+        before = tracked.numpy().copy()
+        ours(tracked, overwrite=True).sum().backward()  # recorded for autograd: never in place
+        np.testing.assert_array_equal(tracked.numpy(), before)
+        assert tracked.grad is not None
+
+
+@needs_kernels
+@pytest.mark.usefixtures('kernel_build')
 def test_kernels_read_strided_views_correctly():
     base = paddle.randn([4, 6, 5])
     view = base.transpose([0, 2, 1])  # a strided view on Paddle 3
