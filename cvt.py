@@ -74,7 +74,7 @@ class DropPath(nn.Layer):
         keep_prob = 1.0 - self.drop_prob
         shape = [x.shape[0]] + [1] * (x.ndim - 1)
         mask = paddle.floor(keep_prob + paddle.rand(shape, dtype=x.dtype))
-        return x / keep_prob * mask
+        return x * (mask / keep_prob)  # the (B, 1, ..) factor first: one pass over x
 
     def extra_repr(self):
         return f'drop_prob={self.drop_prob}'
