@@ -148,11 +148,11 @@ def _declare(library: ctypes.CDLL) -> None:
         'cvt_softmax_backward': [ptr] * 3 + [i64] * 2,
         'cvt_layer_norm_forward': [ptr] * 6 + [i64] * 2 + [ctypes.c_float],
         'cvt_layer_norm_backward': [ptr] * 8 + [i64] * 2,
-        'cvt_silu_forward': [ptr] * 2 + [i64],
-        'cvt_silu_backward': [ptr] * 3 + [i64],
         'cvt_channel_sum': [ptr] * 2 + [i64] * 3,
         'cvt_add_bias': [ptr] * 3 + [i64] * 3,
         'cvt_im2col': [ptr] * 2 + [i64] * 9,
+        'cvt_bias_silu_forward': [ptr] * 3 + [i64] * 2,
+        'cvt_bias_silu_backward': [ptr] * 4 + [i64] * 2,
         'cvt_col2im': [ptr] * 2 + [i64] * 9,
     }
     for name, argtypes in signatures.items():
@@ -408,30 +408,42 @@ def layer_norm(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor, eps
     return _LayerNorm.apply(x, weight, bias, epsilon)
 
 
-class _SiLU(PyLayer):
+def _check_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int) -> None:
+    # the kernels index the bias by channel: a wrong size would read past its end
+    if list(bias.shape) != [int(x.shape[axis])]:
+        raise ValueError(f'bias of shape {list(bias.shape)} for axis {axis} of an input shaped {list(x.shape)}')
+
+
+class _BiasSiLU(PyLayer):
     @staticmethod
-    def forward(ctx, x):
-        x = _contiguous(x)
+    def forward(ctx, x, bias):
+        ctx.needs_grad = _needs_grad(x, bias)
+        x, bias = _contiguous(x), _contiguous(bias)
         y = _empty(x.shape)
-        load().cvt_silu_forward(_ptr(x), _ptr(y), int(x.size))
-        ctx.save_for_backward(x)
+        cols = int(x.shape[-1])
+        load().cvt_bias_silu_forward(_ptr(x), _ptr(bias), _ptr(y), int(x.size) // cols, cols)
+        ctx.save_for_backward(x, bias)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x,) = ctx.saved_tensor()
-        dy = _contiguous(dy)
-        dx = _empty(x.shape)
-        load().cvt_silu_backward(_ptr(x), _ptr(dy), _ptr(dx), int(x.size))
-        return dx
+        x, bias = ctx.saved_tensor()
+        dz = _empty(x.shape)
+        cols = int(x.shape[-1])
+        load().cvt_bias_silu_backward(_ptr(x), _ptr(bias), _ptr(_contiguous(dy)), _ptr(dz),
+                                      int(x.size) // cols, cols)
+        return _only_needed(ctx.needs_grad, dz, channel_sum(dz, -1) if ctx.needs_grad[1] else None)
 
 
-def silu(x: paddle.Tensor, overwrite: bool = False) -> paddle.Tensor:
-    """x * sigmoid(x); `overwrite` as for `softmax`."""
-    if _reusable(x, overwrite):
-        load().cvt_silu_forward(_ptr(x), _ptr(x), int(x.size))
+def bias_silu(x: paddle.Tensor, bias: paddle.Tensor, overwrite: bool = False) -> paddle.Tensor:
+    """silu(x + bias), `bias` along the last axis: a Linear layer's bias and its
+    activation in one pass; `overwrite` as for `softmax`."""
+    _check_bias(x, bias, len(x.shape) - 1)
+    if _reusable(x, overwrite) and (not paddle.is_grad_enabled() or bias.stop_gradient):
+        cols = int(x.shape[-1])
+        load().cvt_bias_silu_forward(_ptr(x), _ptr(_contiguous(bias)), _ptr(x), int(x.size) // cols, cols)
         return x
-    return _SiLU.apply(x)
+    return _BiasSiLU.apply(x, bias)
 
 
 def _around_axis(shape: Sequence[int], axis: int) -> Tuple[int, int, int]:
@@ -503,6 +515,7 @@ def add_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int = -1, overwrite: b
     broadcasting add is single-threaded); the bias gradient is a threaded sum.
     `overwrite` as for `softmax`."""
     axis %= len(x.shape)
+    _check_bias(x, bias, axis)
     if not paddle.is_grad_enabled() or (x.stop_gradient and bias.stop_gradient):
         return _add_bias_forward(x, bias, axis, _reusable(x, overwrite))
     return _AddBias.apply(x, bias, axis)

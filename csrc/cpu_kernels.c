@@ -407,17 +407,36 @@ void cvt_layer_norm_backward(const float *dy, const float *x, const float *gamma
 
 /* ---- SiLU ---------------------------------------------------------------------- */
 
-void cvt_silu_forward(const float *x, float *y, int64_t n) {
-    #pragma omp parallel for simd schedule(static) num_threads(threads_for(n))
-    for (int64_t i = 0; i < n; ++i) y[i] = x[i] / (1.0f + exp_approx(-x[i]));
+/* SiLU of x plus a bias over rows, y = silu(x[r, c] + bias[c]): a Linear layer's
+ * bias and its activation in one pass. y may be x (in place). */
+void cvt_bias_silu_forward(const float *x, const float *restrict bias, float *y,
+                           int64_t rows, int64_t cols) {
+    #pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols))
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * cols;
+        float *yr = y + r * cols;
+        #pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+            const float z = xr[c] + bias[c];
+            yr[c] = z / (1.0f + exp_approx(-z));
+        }
+    }
 }
 
-/* d silu / dx = s (1 + x (1 - s)), s = sigmoid(x) */
-void cvt_silu_backward(const float *x, const float *dy, float *dx, int64_t n) {
-    #pragma omp parallel for simd schedule(static) num_threads(threads_for(n))
-    for (int64_t i = 0; i < n; ++i) {
-        const float s = 1.0f / (1.0f + exp_approx(-x[i]));
-        dx[i] = dy[i] * s * (1.0f + x[i] * (1.0f - s));
+/* dz = dy * silu'(x + bias), the gradient of both x and (summed over rows) the bias */
+void cvt_bias_silu_backward(const float *restrict x, const float *restrict bias,
+                            const float *restrict dy, float *restrict dz, int64_t rows, int64_t cols) {
+    #pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols))
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *restrict xr = x + r * cols;
+        const float *restrict dyr = dy + r * cols;
+        float *restrict dzr = dz + r * cols;
+        #pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+            const float z = xr[c] + bias[c];
+            const float s = 1.0f / (1.0f + exp_approx(-z));
+            dzr[c] = dyr[c] * s * (1.0f + z * (1.0f - s));
+        }
     }
 }
 

@@ -163,16 +163,18 @@ def test_layer_norm_matches_paddle(shape):
 
 
 @needs_kernels
-@pytest.mark.parametrize('shape', [(5,), (3, 1000), (2, 7, 33)])
+@pytest.mark.parametrize('shape', [(1, 5), (3, 1000), (2, 7, 33)])
 @pytest.mark.usefixtures('kernel_build')
-def test_silu_matches_paddle(shape):
-    x = leaf(*shape, scale=6.0)
+def test_bias_silu_matches_paddle(shape):
+    x, bias = leaf(*shape, scale=6.0), leaf(shape[-1], scale=2.0)
     upstream = paddle.randn(list(shape))
-    for got, want in zip(forward_and_grads(cpu_kernels.silu, [x], upstream),
-                         forward_and_grads(F.silu, [x], upstream)):
-        assert_same(got, want)
-    extremes = paddle.to_tensor([-200.0, -88.0, 0.0, 88.0, 200.0])
-    assert_same(cpu_kernels.silu(extremes), F.silu(extremes))
+    for got, want, name in zip(forward_and_grads(cpu_kernels.bias_silu, [x, bias], upstream),
+                               forward_and_grads(lambda t, b: F.silu(t + b), [x, bias], upstream),
+                               ['y', 'dx', 'dbias']):
+        assert_same(got, want, name=name)
+    extremes = paddle.to_tensor([[-200.0, -88.0, 0.0, 88.0, 200.0]])
+    zero = paddle.zeros([5])
+    assert_same(cpu_kernels.bias_silu(extremes, zero), F.silu(extremes))
 
 
 @needs_kernels
@@ -196,7 +198,8 @@ def test_linear_and_bias_gradients_match_paddle(shape):
 @needs_kernels
 @pytest.mark.usefixtures('kernel_build')
 def test_overwrite_reuses_a_temporary_only_without_gradients():
-    ops = [(cpu_kernels.softmax, lambda t: F.softmax(t, axis=-1)), (cpu_kernels.silu, F.silu),
+    ops = [(cpu_kernels.softmax, lambda t: F.softmax(t, axis=-1)),
+           (lambda t, **kw: cpu_kernels.bias_silu(t, paddle.ones([5]), **kw), lambda t: F.silu(t + 1)),
            (lambda t, **kw: cpu_kernels.add_bias(t, paddle.arange(5, dtype='float32'), **kw),
             lambda t: t + paddle.arange(5, dtype='float32'))]
     for ours, reference in ops:
@@ -220,7 +223,9 @@ def test_kernels_read_strided_views_correctly():
     base = paddle.randn([4, 6, 5])
     view = base.transpose([0, 2, 1])  # a strided view on Paddle 3
     assert_same(cpu_kernels.softmax(view), F.softmax(view, axis=-1), atol=1e-6)
-    assert_same(cpu_kernels.silu(view), F.silu(view))
+    assert_same(cpu_kernels.bias_silu(view, paddle.ones([6])), F.silu(view + 1))
+    with pytest.raises(ValueError, match='bias of shape'):
+        cpu_kernels.bias_silu(view, paddle.ones([4]))
 
 
 @needs_kernels
@@ -228,7 +233,7 @@ def test_kernels_read_strided_views_correctly():
 def test_nan_propagates():
     row = paddle.to_tensor([[1.0, float('nan'), 2.0]])
     assert np.isnan(cpu_kernels.softmax(row).numpy()).all()
-    assert np.isnan(cpu_kernels.silu(row).numpy())[0, 1]
+    assert np.isnan(cpu_kernels.bias_silu(row, paddle.zeros([3])).numpy())[0, 1]
     out = cpu_kernels.layer_norm(row, paddle.ones([3]), paddle.zeros([3]), 1e-5)
     assert np.isnan(out.numpy()).all()
     maps = paddle.zeros([1, 1, 4, 4])
@@ -296,6 +301,7 @@ def test_frozen_inputs_get_no_gradient():
         (lambda x, w: cpu_kernels.depthwise_conv2d(x, w, None, 2, 1), [(2, 4, 6, 6), (4, 1, 3, 3)]),
         (lambda x, w, b: cpu_kernels.layer_norm(x, w, b, 1e-5), [(3, 5), (5,), (5,)]),
         (cpu_kernels.linear, [(3, 5), (5, 2), (2,)]),
+        (cpu_kernels.bias_silu, [(3, 5), (5,)]),
         (lambda x, b: cpu_kernels.add_bias(x, b, axis=1), [(2, 3, 4), (3,)]),
         (lambda x, w, b: cpu_kernels.patch_conv(x, w, b, 2, 1)[0], [(2, 3, 6, 6), (4, 3, 3, 3), (4,)]),
     ]
