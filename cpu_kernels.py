@@ -1,8 +1,9 @@
 """Multi-threaded CPU kernels (csrc/cpu_kernels.c) as differentiable Paddle ops.
 
-Paddle's CPU kernels for depthwise convolution, softmax, LayerNorm's gradient,
-SiLU and bias gradients run on one thread, several times slower than the
-memory traffic allows; on a CvT they cost as much as all the matrix products.
+Paddle's CPU kernels for depthwise convolution, softmax, LayerNorm, SiLU,
+broadcast bias additions and bias gradients run on one thread, several times
+slower than the memory traffic allows, and its convolution runs a small GEMM per
+image; on a CvT they cost as much as all the matrix products.
 This module compiles the C file once per machine and instruction set (about
 two seconds; the library is cached under ``CVT_CACHE_DIR``, default
 ``~/.cache/cvt-paddle``), loads it with ctypes and wraps each kernel in a

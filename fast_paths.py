@@ -15,11 +15,13 @@ What they do differently, and why (measured figures in docs/speed.md):
 - The attention scale is folded into q's projection, QuickGELU's slope 1.702
   into the MLP's weights (``x sigmoid(1.702 x) = silu(1.702 x) / 1.702``): one
   SiLU pass instead of scale, sigmoid and multiply.
-- On the CPU, biases go into the GEMM (addmm) and are broadcast as (C, 1), and
-  the threaded C kernels of cpu_kernels.py replace Paddle's single-threaded
-  depthwise convolution, softmax, LayerNorm, SiLU, bias additions and bias
-  gradients, each only
-  on the instruction sets where it measured faster (`cpu_kernels.use`).
+- On the CPU, biases go into the GEMM (addmm) or, for fc1, into the SiLU
+  pass; the token embeddings' convolutions are one GEMM over the batch's
+  patches, giving tokens without a transpose; the threaded C kernels of
+  cpu_kernels.py replace Paddle's single-threaded depthwise convolution,
+  softmax, LayerNorm, SiLU, bias additions and bias gradients, each only
+  on the instruction sets where it measured faster (`cpu_kernels.use`). In
+  inference the kernels write into the temporaries they read.
 - Elsewhere (GPU): k's and v's depthwise convolutions run as one grouped
   convolution, and under float16/bfloat16 the attention is
   F.scaled_dot_product_attention (flash attention).

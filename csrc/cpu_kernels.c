@@ -1,11 +1,13 @@
 /* Multi-threaded float32 CPU kernels for the layers where Paddle's own CPU
- * kernels are single-threaded and slow: depthwise convolution, softmax,
- * LayerNorm, SiLU and bias gradients (sums over rows or channels).
+ * kernels are single-threaded or slow: depthwise convolution, the patch
+ * embeddings' im2col, softmax, LayerNorm, SiLU with its bias, bias additions
+ * and bias gradients (sums over rows or channels).
  *
- * Plain C with OpenMP, compiled at first use by cpu_kernels.py (gcc -O3
- * -march=native), called through ctypes on the tensors' own memory. Every
- * array is contiguous, row-major float32; the Python side checks that.
- * NaN and infinity propagate as in the reference ops (no fast-math).
+ * Plain C with OpenMP, compiled at first use by cpu_kernels.py once per
+ * instruction set (gcc -O3 -march=x86-64-v4 or -march=x86-64-v3), called
+ * through ctypes on the tensors' own memory. Every array is contiguous,
+ * row-major float32; the Python side checks that. NaN and infinity propagate as
+ * in the reference ops (no fast-math).
  */
 
 #include <math.h>
