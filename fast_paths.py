@@ -116,10 +116,15 @@ def conv_embed(layer: nn.Layer, x: paddle.Tensor) -> Tuple[paddle.Tensor, int, i
 
 
 def _patch_conv_fits(conv: nn.Conv2D) -> bool:
-    """Whether cpu_kernels.patch_conv computes `conv`: no groups, NCHW, a square
-    kernel, equal strides and zero paddings, no dilation."""
+    """Whether cpu_kernels.patch_conv computes `conv`: no groups, a plain square convolution."""
+    return conv._groups == 1 and _is_plain_square(conv)
+
+
+def _is_plain_square(conv: nn.Conv2D) -> bool:
+    """NCHW, a square kernel, equal strides and zero paddings on both axes, no dilation:
+    the convolutions the CPU kernels compute."""
     kernel, stride, padding = list(conv._kernel_size), list(conv._stride), conv._updated_padding
-    return (conv._groups == 1 and conv._data_format == 'NCHW' and conv._padding_mode == 'zeros'
+    return (conv._data_format == 'NCHW' and conv._padding_mode == 'zeros'
             and list(conv._dilation) == [1, 1] and kernel[0] == kernel[1]
             and stride[0] == stride[1] and isinstance(padding, (list, tuple)) and len(padding) == 2
             and padding[0] == padding[1])
@@ -247,14 +252,10 @@ def _project_with_kernel(projection: Optional[nn.Layer], x_map):
 
 
 def _kernel_fits(conv: nn.Conv2D) -> bool:
-    """Whether cpu_kernels.depthwise_conv2d computes `conv`: depthwise, no bias, NCHW,
-    a square kernel of at most 8x8, equal strides and zero paddings, no dilation."""
-    kernel, stride, padding = list(conv._kernel_size), list(conv._stride), conv._updated_padding
+    """Whether cpu_kernels.depthwise_conv2d computes `conv`: depthwise, no bias, a plain
+    square convolution of at most 8x8."""
     return (conv._groups == conv._in_channels == conv._out_channels and conv.bias is None
-            and conv._data_format == 'NCHW' and conv._padding_mode == 'zeros'
-            and list(conv._dilation) == [1, 1] and kernel[0] == kernel[1] and kernel[0] <= 8
-            and stride[0] == stride[1] and isinstance(padding, (list, tuple)) and len(padding) == 2
-            and padding[0] == padding[1])
+            and conv._kernel_size[0] <= 8 and _is_plain_square(conv))
 
 
 def _interleave(first: paddle.Tensor, second: paddle.Tensor) -> paddle.Tensor:
