@@ -9,7 +9,7 @@ import paddle
 import pytest
 
 from config import get_config
-from test_predict import parse_top_k, write_images, write_tiny_model
+from test_predict import assert_same_top_k, parse_top_k, write_images, write_tiny_model
 from tools import export_model, infer, predict
 
 
@@ -62,11 +62,7 @@ def test_infer_prints_the_same_top_k_as_predict(exported, tmp_path, capsys):
                        '-batch_size', '2', '-device', 'cpu']) == 0
     from_infer = parse_top_k(capsys.readouterr().out)
 
-    assert list(from_infer) == list(from_predict) == paths
-    for path in paths:
-        assert [i for i, _, _ in from_infer[path]] == [i for i, _, _ in from_predict[path]]
-        np.testing.assert_allclose([p for _, p, _ in from_infer[path]],
-                                   [p for _, p, _ in from_predict[path]], atol=1.1e-4)
+    assert_same_top_k(from_infer, from_predict, paths)
 
 
 def test_infer_without_an_exported_model_exits_2(tmp_path, capsys):

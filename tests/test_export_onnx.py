@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
-from test_predict import parse_top_k, write_images, write_tiny_model
+from test_predict import assert_same_top_k, parse_top_k, write_images, write_tiny_model
 from tools import export_onnx, infer, predict
 from tools.export_onnx import first_sentence
 
@@ -71,11 +71,7 @@ def test_infer_onnxruntime_prints_the_same_top_k_as_predict(onnx_model, tmp_path
                        '-batch_size', '2']) == 0
     from_infer = parse_top_k(capsys.readouterr().out)
 
-    assert list(from_infer) == list(from_predict) == paths
-    for image in paths:
-        assert [i for i, _, _ in from_infer[image]] == [i for i, _, _ in from_predict[image]]
-        np.testing.assert_allclose([p for _, p, _ in from_infer[image]],
-                                   [p for _, p, _ in from_predict[image]], atol=1.1e-4)
+    assert_same_top_k(from_infer, from_predict, paths)
 
 
 @needs_converter

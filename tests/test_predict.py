@@ -74,6 +74,15 @@ def parse_top_k(text: str) -> dict:
     return result
 
 
+def assert_same_top_k(got: dict, want: dict, paths: list, atol: float = 1.1e-4) -> None:
+    """Two parse_top_k results list the same images in order, with the same classes
+    and probabilities within `atol`."""
+    assert list(got) == list(want) == paths
+    for path in paths:
+        assert [i for i, _, _ in got[path]] == [i for i, _, _ in want[path]]
+        np.testing.assert_allclose([p for _, p, _ in got[path]], [p for _, p, _ in want[path]], atol=atol)
+
+
 def expected_top_k(model, config, paths, k):
     """Each image's top k from softmax of the model's logits, one image at a time."""
     transform = get_val_transforms(config)
