@@ -62,10 +62,22 @@ static inline float exp_approx(float x) {
 
 /* ---- depthwise convolution --------------------------------------------------
  * x (B, C, H, W), weight (C, K*K), y (B, C, OH, OW); one filter per channel,
- * square kernel K, the same stride and zero padding on both axes. */
+ * square kernel K, the same stride and zero padding on both axes.
+ *
+ * Two loop orders. Rows: the plane is zero-padded and each output row is a
+ * vector loop over its columns; fastest where rows are wide. Grid, for narrow
+ * maps (CvT's stage 3 is 14 or 7 wide) and for the gradients: the plane is
+ * copied into a "phase" layout, the zero-padded plane (PH x PW) split into
+ * stride x stride phases, phase (a, b) holding padded entries
+ * (a + stride i, b + stride j) in rows of width PWS. Tap (kh, kw) of output
+ * (oh, ow) then reads phase (kh % stride, kw % stride) at
+ * (oh + kh / stride) * PWS + ow + kw / stride, a fixed offset from
+ * oh * PWS + ow, so every tap is one contiguous loop over a "grid" of OH rows
+ * of PWS columns, the first OW of which are outputs (the rest are computed and
+ * dropped). */
 
 /* Copy plane (H, W) into the middle of a zeroed (H + 2 pad, W + 2 pad) scratch plane,
- * so that the loops below run without bounds checks. */
+ * so that the row loops run without bounds checks. */
 static void pad_plane(const float *plane, float *padded, int64_t H, int64_t W, int64_t pad) {
     const int64_t PW = W + 2 * pad;
     memset(padded, 0, sizeof(float) * pad * PW);
@@ -77,11 +89,11 @@ static void pad_plane(const float *plane, float *padded, int64_t H, int64_t W, i
     memset(padded + (H + pad) * PW, 0, sizeof(float) * pad * PW);
 }
 
-/* One output plane from a padded input plane. Inlined with K and stride constant
- * (3 and 1 or 2 in CvT), the taps unroll and the loop over ow vectorises. */
+/* One output plane from a padded input plane, row by row. Inlined with K and stride
+ * constant (3 and 1 or 2 in CvT), the taps unroll and the loop over ow vectorises. */
 static inline __attribute__((always_inline)) void
-dw_plane_forward(const float *padded, int64_t PW, const float *wp, float start, float *yp,
-                 int64_t OH, int64_t OW, int64_t K, int64_t stride) {
+dw_rows_forward(const float *padded, int64_t PW, const float *wp, float start, float *yp,
+                int64_t OH, int64_t OW, int64_t K, int64_t stride) {
     for (int64_t oh = 0; oh < OH; ++oh) {
         const float *base = padded + oh * stride * PW;
         float *yr = yp + oh * OW;
@@ -96,141 +108,236 @@ dw_plane_forward(const float *padded, int64_t PW, const float *wp, float start, 
     }
 }
 
+#define DW_VEC 16   /* the grid's length is a multiple of this */
+#define DW_MAX_TAPS 64
+
+typedef struct {
+    int64_t H, W, K, stride, pad, OH, OW;
+    int64_t PWS;         /* width of a phase row */
+    int64_t grid;        /* OH * PWS rounded up to DW_VEC */
+    int64_t phase_size;  /* floats per phase: rows enough for every tap's reads over the grid */
+    int64_t taps;        /* K * K */
+    int64_t offset[DW_MAX_TAPS];  /* where tap t reads, from the start of the phases */
+} dw_layout;
+
+static dw_layout dw_make_layout(int64_t H, int64_t W, int64_t K, int64_t stride, int64_t pad,
+                                int64_t OH, int64_t OW) {
+    dw_layout L = {H, W, K, stride, pad, OH, OW};
+    const int64_t PH = H + 2 * pad, PW = W + 2 * pad;
+    L.PWS = (PW + stride - 1) / stride;
+    L.grid = (OH * L.PWS + DW_VEC - 1) / DW_VEC * DW_VEC;
+    const int64_t reach = (K - 1) / stride;  /* the furthest tap offset, in phase rows and columns */
+    const int64_t data_rows = (PH + stride - 1) / stride;
+    const int64_t read_rows = (L.grid + reach * (L.PWS + 1) + L.PWS - 1) / L.PWS;
+    L.phase_size = (data_rows > read_rows ? data_rows : read_rows) * L.PWS;
+    L.taps = K * K;
+    for (int64_t kh = 0; kh < K; ++kh)
+        for (int64_t kw = 0; kw < K; ++kw)
+            L.offset[kh * K + kw] = ((kh % stride) * stride + kw % stride) * L.phase_size
+                                    + (kh / stride) * L.PWS + kw / stride;
+    return L;
+}
+
+static inline int64_t dw_phases_size(const dw_layout *L) { return L->stride * L->stride * L->phase_size; }
+
+/* Columns first, first + stride, ... of an input row to and from a phase row:
+ * inlined with the stride constant (2 in CvT) these loops vectorise. */
+static inline __attribute__((always_inline)) void
+dw_gather_columns(const float *restrict in, float *restrict out, int64_t first, int64_t count, int64_t stride) {
+    #pragma omp simd
+    for (int64_t j = 0; j < count; ++j) out[j] = in[first + j * stride];
+}
+
+static inline __attribute__((always_inline)) void
+dw_scatter_columns(const float *restrict in, float *restrict out, int64_t first, int64_t count, int64_t stride) {
+    #pragma omp simd
+    for (int64_t j = 0; j < count; ++j) out[first + j * stride] = in[j];
+}
+
+/* Plane (H, W) into the phases of a buffer whose padding is already zero (it is
+ * zeroed once; every plane overwrites the same entries). With `to_plane` the
+ * other way: padded entry (h + pad, w + pad) of the phases into plane[h, w]. */
+static void dw_phases_copy(const dw_layout *L, float *plane, float *phases, int to_plane) {
+    const int64_t s = L->stride, pad = L->pad, W = L->W;
+    for (int64_t h = 0; h < L->H; ++h) {
+        const int64_t r = h + pad;
+        float *image_row = plane + h * W;
+        float *row = phases + (r % s) * s * L->phase_size + (r / s) * L->PWS;
+        if (s == 1) {
+            if (to_plane) memcpy(image_row, row + pad, sizeof(float) * W);
+            else memcpy(row + pad, image_row, sizeof(float) * W);
+            continue;
+        }
+        for (int64_t b = 0; b < s; ++b) {
+            /* padded column j * s + b is input column j * s + b - pad */
+            const int64_t j0 = (pad - b + s - 1) / s;
+            const int64_t first = j0 * s + b - pad;
+            if (first >= W) continue;
+            const int64_t count = (W - 1 - first) / s + 1;
+            float *phase_row = row + b * L->phase_size + j0;
+            if (to_plane) {
+                if (s == 2) dw_scatter_columns(phase_row, image_row, first, count, 2);
+                else dw_scatter_columns(phase_row, image_row, first, count, s);
+            } else {
+                if (s == 2) dw_gather_columns(image_row, phase_row, first, count, 2);
+                else dw_gather_columns(image_row, phase_row, first, count, s);
+            }
+        }
+    }
+}
+
+static void dw_to_phases(const dw_layout *L, const float *plane, float *phases) {
+    dw_phases_copy(L, (float *)plane, phases, 0);
+}
+
+static void dw_from_phases(const dw_layout *L, const float *phases, float *plane) {
+    dw_phases_copy(L, plane, (float *)phases, 1);
+}
+
+/* grid[i] = start + sum over taps of weight[t] * phases[offset[t] + i]. Inlined with
+ * the tap count constant (9 in CvT), the taps unroll inside the vector loop. */
+static inline __attribute__((always_inline)) void
+dw_grid_forward(const dw_layout *L, const float *restrict phases, const float *restrict wp, float start,
+                float *restrict grid, int64_t taps) {
+    const int64_t *offset = L->offset;
+    #pragma omp simd
+    for (int64_t i = 0; i < L->grid; ++i) {
+        float acc = start;
+        for (int64_t t = 0; t < taps; ++t) acc += wp[t] * phases[offset[t] + i];
+        grid[i] = acc;
+    }
+}
+
+/* acc[t * DW_VEC + j] += dy_grid[i] * phases[offset[t] + i] for i = j mod DW_VEC: the
+ * weight gradient's sums, kept as vectors until the channel is done. */
+static inline __attribute__((always_inline)) void
+dw_grid_weight_grad(const dw_layout *L, const float *restrict dy_grid, const float *restrict phases,
+                    float *restrict acc, int64_t taps) {
+    const int64_t *offset = L->offset;
+    for (int64_t i = 0; i < L->grid; i += DW_VEC)
+        for (int64_t t = 0; t < taps; ++t) {
+            const float *restrict in = phases + offset[t] + i;
+            #pragma omp simd
+            for (int64_t j = 0; j < DW_VEC; ++j) acc[t * DW_VEC + j] += dy_grid[i + j] * in[j];
+        }
+}
+
+/* phases[offset[t] + i] += weight[t] * dy_grid[i]: the input gradient scattered
+ * tap by tap (the grid's dropped columns hold zeros). */
+static inline __attribute__((always_inline)) void
+dw_grid_input_grad(const dw_layout *L, const float *restrict dy_grid, const float *restrict wp,
+                   float *restrict phases, int64_t taps) {
+    for (int64_t t = 0; t < taps; ++t) {
+        float *restrict out = phases + L->offset[t];
+        const float wv = wp[t];
+        #pragma omp simd
+        for (int64_t i = 0; i < L->grid; ++i) out[i] += wv * dy_grid[i];
+    }
+}
+
+/* dy plane (OH, OW) into a grid whose dropped columns are already zero. */
+static void dw_to_grid(const dw_layout *L, const float *restrict plane, float *restrict grid) {
+    for (int64_t oh = 0; oh < L->OH; ++oh)
+        memcpy(grid + oh * L->PWS, plane + oh * L->OW, sizeof(float) * L->OW);
+}
+
+static void dw_from_grid(const dw_layout *L, const float *restrict grid, float *restrict plane) {
+    for (int64_t oh = 0; oh < L->OH; ++oh)
+        memcpy(plane + oh * L->OW, grid + oh * L->PWS, sizeof(float) * L->OW);
+}
+
+/* Below this output width (stride 1) the forward runs on the grid: row loops
+ * that short are mostly loop overhead. Measured on CvT's maps (56, 28, 14 wide). */
+#define DW_GRID_MAX_WIDTH 32
+
 void cvt_dwconv2d_forward(const float *x, const float *weight, const float *bias, float *y,
                           int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
                           int64_t stride, int64_t pad, int64_t OH, int64_t OW) {
+    const dw_layout L = dw_make_layout(H, W, K, stride, pad, OH, OW);
+    const int on_grid = stride == 1 && OW < DW_GRID_MAX_WIDTH;
     const int64_t PW = W + 2 * pad, PH = H + 2 * pad;
     #pragma omp parallel num_threads(threads_for(B * C * OH * OW * K))
     {
-        float *padded = malloc(sizeof(float) * PH * PW);
+        float *scratch = on_grid ? calloc(dw_phases_size(&L), sizeof(float)) : malloc(sizeof(float) * PH * PW);
+        float *grid = on_grid ? malloc(sizeof(float) * L.grid) : NULL;
         #pragma omp for schedule(static)
         for (int64_t plane = 0; plane < B * C; ++plane) {
             const int64_t c = plane % C;
-            pad_plane(x + plane * H * W, padded, H, W, pad);
             const float start = bias ? bias[c] : 0.0f;
-            float *yp = y + plane * OH * OW;
             const float *wp = weight + c * K * K;
+            float *yp = y + plane * OH * OW;
+            if (on_grid) {
+                dw_to_phases(&L, x + plane * H * W, scratch);
+                if (K == 3)
+                    dw_grid_forward(&L, scratch, wp, start, grid, 9);
+                else
+                    dw_grid_forward(&L, scratch, wp, start, grid, L.taps);
+                dw_from_grid(&L, grid, yp);
+                continue;
+            }
+            pad_plane(x + plane * H * W, scratch, H, W, pad);
             if (K == 3 && stride == 1)
-                dw_plane_forward(padded, PW, wp, start, yp, OH, OW, 3, 1);
+                dw_rows_forward(scratch, PW, wp, start, yp, OH, OW, 3, 1);
             else if (K == 3 && stride == 2)
-                dw_plane_forward(padded, PW, wp, start, yp, OH, OW, 3, 2);
+                dw_rows_forward(scratch, PW, wp, start, yp, OH, OW, 3, 2);
             else
-                dw_plane_forward(padded, PW, wp, start, yp, OH, OW, K, stride);
+                dw_rows_forward(scratch, PW, wp, start, yp, OH, OW, K, stride);
         }
-        free(padded);
-    }
-}
-
-/* The weight gradient's contributions of one plane, per tap and output column:
- * acc[tap * OW + ow] += dy[oh, ow] * x[oh * stride + kh, ow * stride + kw] over oh.
- * Summing into vectors (not one scalar per row) keeps the loop free of horizontal
- * reductions; the caller adds the columns up once per channel. */
-static inline __attribute__((always_inline)) void
-dw_plane_weight_grad(const float *restrict dyp, const float *restrict padded, int64_t PW,
-                     float *restrict acc, int64_t OH, int64_t OW, int64_t K, int64_t stride) {
-    for (int64_t oh = 0; oh < OH; ++oh) {
-        const float *restrict dyr = dyp + oh * OW;
-        for (int64_t kh = 0; kh < K; ++kh) {
-            const float *restrict xr = padded + (oh * stride + kh) * PW;
-            for (int64_t kw = 0; kw < K; ++kw) {
-                float *restrict at = acc + (kh * K + kw) * OW;
-                #pragma omp simd
-                for (int64_t ow = 0; ow < OW; ++ow) at[ow] += dyr[ow] * xr[ow * stride + kw];
-            }
-        }
-    }
-}
-
-/* The input gradient of one plane for stride > 1: each dy entry scattered through
- * the K x K taps into a zeroed padded plane stored as `stride` column phases
- * (column p of a padded row is phases[p % stride][p / stride]), so that every
- * tap adds a contiguous run: tap kw of output column ow lands in phase
- * kw % stride at ow + kw / stride. */
-static inline __attribute__((always_inline)) void
-dw_plane_input_grad_phased(const float *restrict dyp, float *restrict phases, int64_t PH, int64_t PWS,
-                           const float *restrict wp, int64_t OH, int64_t OW, int64_t K, int64_t stride) {
-    for (int64_t oh = 0; oh < OH; ++oh) {
-        const float *restrict dyr = dyp + oh * OW;
-        for (int64_t kh = 0; kh < K; ++kh) {
-            const int64_t row = oh * stride + kh;
-            for (int64_t kw = 0; kw < K; ++kw) {
-                float *restrict out = phases + ((kw % stride) * PH + row) * PWS + kw / stride;
-                const float wv = wp[kh * K + kw];
-                #pragma omp simd
-                for (int64_t ow = 0; ow < OW; ++ow) out[ow] += wv * dyr[ow];
-            }
-        }
+        free(scratch);
+        free(grid);
     }
 }
 
 /* Gradients of the depthwise convolution: dx (may be NULL) and dweight (C, K*K,
  * may be NULL). One thread owns a channel across the batch, so neither needs
- * atomics. With stride 1 the input gradient is itself a convolution (of dy,
- * padded by K - 1 - pad, with the kernel flipped) and runs as the forward does. */
+ * atomics. The weight gradient also multiplies the grid's dropped columns (by
+ * a zero gradient): a NaN or infinity in x can reach a tap the reference op
+ * would not pass it to, never the other way round. */
 void cvt_dwconv2d_backward(const float *dy, const float *x, const float *weight,
                            float *dx, float *dweight,
                            int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
                            int64_t stride, int64_t pad, int64_t OH, int64_t OW) {
-    const int64_t PW = W + 2 * pad, PH = H + 2 * pad;
-    const int gather = stride == 1 && pad <= K - 1;
-    const int64_t dpad = K - 1 - pad;  /* dy's padding for the gathered dx */
-    const int64_t DPW = OW + 2 * dpad, DPH = OH + 2 * dpad;
+    const dw_layout L = dw_make_layout(H, W, K, stride, pad, OH, OW);
+    const int64_t taps = L.taps;
     #pragma omp parallel num_threads(threads_for(B * C * OH * OW * K))
     {
-        float *padded = dweight ? malloc(sizeof(float) * PH * PW) : NULL;
-        const int64_t PWS = (PW + stride - 1) / stride;  /* width of one column phase */
-        float *dpadded = dx ? malloc(sizeof(float) * (gather ? DPH * DPW : stride * PH * PWS)) : NULL;
-        float *acc = dweight ? malloc(sizeof(float) * K * K * OW) : NULL;
+        float *phases = dweight ? calloc(dw_phases_size(&L), sizeof(float)) : NULL;
+        float *dphases = dx ? malloc(sizeof(float) * dw_phases_size(&L)) : NULL;
+        float *dy_grid = calloc(L.grid, sizeof(float));
+        float *acc = dweight ? malloc(sizeof(float) * taps * DW_VEC) : NULL;
         #pragma omp for schedule(static, 1)
         for (int64_t c = 0; c < C; ++c) {
-            const float *wp = weight + c * K * K;
-            float flipped[64];  /* K * K <= 64, checked by the caller */
-            for (int64_t i = 0; i < K * K; ++i) flipped[i] = wp[K * K - 1 - i];
-            if (acc) memset(acc, 0, sizeof(float) * K * K * OW);
+            const float *wp = weight + c * taps;
+            if (acc) memset(acc, 0, sizeof(float) * taps * DW_VEC);
             for (int64_t b = 0; b < B; ++b) {
                 const int64_t plane = b * C + c;
-                const float *dyp = dy + plane * OH * OW;
+                dw_to_grid(&L, dy + plane * OH * OW, dy_grid);
                 if (acc) {
-                    pad_plane(x + plane * H * W, padded, H, W, pad);
-                    if (K == 3 && stride == 1)
-                        dw_plane_weight_grad(dyp, padded, PW, acc, OH, OW, 3, 1);
-                    else if (K == 3 && stride == 2)
-                        dw_plane_weight_grad(dyp, padded, PW, acc, OH, OW, 3, 2);
+                    dw_to_phases(&L, x + plane * H * W, phases);
+                    if (taps == 9)
+                        dw_grid_weight_grad(&L, dy_grid, phases, acc, 9);
                     else
-                        dw_plane_weight_grad(dyp, padded, PW, acc, OH, OW, K, stride);
+                        dw_grid_weight_grad(&L, dy_grid, phases, acc, taps);
                 }
-                if (!dpadded) continue;
-                float *dxp = dx + plane * H * W;
-                if (gather) {
-                    pad_plane(dyp, dpadded, OH, OW, dpad);
-                    if (K == 3)
-                        dw_plane_forward(dpadded, DPW, flipped, 0.0f, dxp, H, W, 3, 1);
+                if (dphases) {
+                    memset(dphases, 0, sizeof(float) * dw_phases_size(&L));
+                    if (taps == 9)
+                        dw_grid_input_grad(&L, dy_grid, wp, dphases, 9);
                     else
-                        dw_plane_forward(dpadded, DPW, flipped, 0.0f, dxp, H, W, K, 1);
-                    continue;
+                        dw_grid_input_grad(&L, dy_grid, wp, dphases, taps);
+                    dw_from_phases(&L, dphases, dx + plane * H * W);
                 }
-                memset(dpadded, 0, sizeof(float) * stride * PH * PWS);
-                if (K == 3 && stride == 2)
-                    dw_plane_input_grad_phased(dyp, dpadded, PH, PWS, wp, OH, OW, 3, 2);
-                else
-                    dw_plane_input_grad_phased(dyp, dpadded, PH, PWS, wp, OH, OW, K, stride);
-                /* padded column p = j * stride + phase is input column p - pad */
-                for (int64_t h = 0; h < H; ++h)
-                    for (int64_t phase = 0; phase < stride; ++phase) {
-                        const float *from = dpadded + (phase * PH + h + pad) * PWS;
-                        for (int64_t j = (pad - phase + stride - 1) / stride; j * stride + phase - pad < W; ++j)
-                            dxp[h * W + j * stride + phase - pad] = from[j];
-                    }
             }
             if (acc)
-                for (int64_t i = 0; i < K * K; ++i) {
+                for (int64_t t = 0; t < taps; ++t) {
                     double total = 0.0;
-                    for (int64_t ow = 0; ow < OW; ++ow) total += acc[i * OW + ow];
-                    dweight[c * K * K + i] = (float)total;
+                    for (int64_t j = 0; j < DW_VEC; ++j) total += acc[t * DW_VEC + j];
+                    dweight[c * taps + t] = (float)total;
                 }
         }
-        free(padded);
-        free(dpadded);
+        free(phases);
+        free(dphases);
+        free(dy_grid);
         free(acc);
     }
 }

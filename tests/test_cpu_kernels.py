@@ -58,6 +58,10 @@ def test_kernels_build_where_a_compiler_exists():
     ((2, 2, 9, 9), 7, 1, 3),
     ((2, 4, 5, 6), 1, 1, 0),
     ((2, 6, 16, 16), 3, 1, 1),
+    ((1, 2, 5, 40), 3, 1, 1),    # wide enough for the forward's row loops
+    ((2, 3, 10, 8), 3, 2, 0),
+    ((1, 2, 11, 13), 3, 3, 1),
+    ((2, 3, 8, 8), 1, 2, 0),     # a kernel smaller than the stride
 ])
 @pytest.mark.usefixtures('kernel_build')
 def test_depthwise_conv2d_matches_paddle(shape, kernel, stride, padding):
