@@ -1,7 +1,7 @@
 """Multi-threaded CPU kernels (csrc/cpu_kernels.c) as differentiable Paddle ops.
 
 Paddle's CPU kernels for depthwise convolution, softmax, LayerNorm, SiLU,
-broadcast bias additions and bias gradients run on one thread, several times
+broadcast bias additions, residual additions and bias gradients run on one thread, several times
 slower than the memory traffic allows, and its convolution runs a small GEMM per
 image; on a CvT they cost as much as all the matrix products.
 This module compiles the C file once per machine and instruction set (about
@@ -54,7 +54,7 @@ _ISA_CPU_FLAGS = {
 
 # The kernels measured faster than Paddle's op, per build (tools/benchmark_kernels.py
 # on CvT-13's shapes, forward + backward; figures in docs/speed.md).
-KERNELS = ('depthwise_conv', 'patch_conv', 'softmax', 'layer_norm', 'silu', 'bias')
+KERNELS = ('depthwise_conv', 'patch_conv', 'softmax', 'layer_norm', 'silu', 'bias', 'residual')
 FASTER_THAN_PADDLE = {
     'avx512': frozenset(KERNELS),
     'avx2': frozenset(KERNELS),
@@ -155,6 +155,7 @@ def _declare(library: ctypes.CDLL) -> None:
         'cvt_bias_silu_forward': [ptr] * 3 + [i64] * 2,
         'cvt_bias_silu_backward': [ptr] * 4 + [i64] * 2,
         'cvt_col2im': [ptr] * 2 + [i64] * 9,
+        'cvt_residual_add': [ptr] * 4 + [i64] * 2,
     }
     for name, argtypes in signatures.items():
         function = getattr(library, name)
@@ -520,3 +521,55 @@ def add_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int = -1, overwrite: b
     if not paddle.is_grad_enabled() or (x.stop_gradient and bias.stop_gradient):
         return _add_bias_forward(x, bias, axis, _reusable(x, overwrite))
     return _AddBias.apply(x, bias, axis)
+
+
+def _sample_factors(scale: Optional[paddle.Tensor], batch: int) -> Optional[paddle.Tensor]:
+    if scale is None:
+        return None
+    if int(scale.size) != batch:
+        raise ValueError(f'residual_add: a per-sample scale of shape {list(scale.shape)} for a batch of {batch}')
+    return _contiguous(scale.reshape([batch]))
+
+
+def _residual_forward(x: Optional[paddle.Tensor], branch: paddle.Tensor, factors: Optional[paddle.Tensor],
+                      out: paddle.Tensor) -> paddle.Tensor:
+    batch = int(branch.shape[0])
+    load().cvt_residual_add(_ptr(x), _ptr(branch), _ptr(factors), _ptr(out), batch, int(branch.size) // batch)
+    return out
+
+
+class _ResidualAdd(PyLayer):
+    @staticmethod
+    def forward(ctx, x, branch, factors):
+        ctx.needs_grad = _needs_grad(x, branch)
+        ctx.factors = factors
+        x, branch = _contiguous(x), _contiguous(branch)
+        return _residual_forward(x, branch, factors, _empty(x.shape))
+
+    @staticmethod
+    def backward(ctx, dout):
+        needs_x, needs_branch = ctx.needs_grad
+        dbranch = None
+        if needs_branch:
+            dout = _contiguous(dout)
+            dbranch = dout if ctx.factors is None else _residual_forward(None, dout, ctx.factors, _empty(dout.shape))
+        grads = ((dout if needs_x else None), dbranch)
+        return grads if ctx.factors is None else grads + (None,)
+
+
+def residual_add(x: paddle.Tensor, branch: paddle.Tensor, scale: Optional[paddle.Tensor] = None,
+                 overwrite: bool = False) -> paddle.Tensor:
+    """``x + branch * scale``, `scale` one factor per sample (DropPath's, shaped (B, 1, ..)) or
+    None, in one threaded pass (Paddle's add and multiply are single-threaded). `x` and
+    `branch` have the same shape. `overwrite`: `branch` is a temporary the caller no longer
+    needs; without gradients the result goes into it."""
+    if list(x.shape) != list(branch.shape):
+        raise ValueError(f'residual_add: x {list(x.shape)} and branch {list(branch.shape)} differ in shape')
+    factors = _sample_factors(scale, int(branch.shape[0]))
+    if not paddle.is_grad_enabled() or (x.stop_gradient and branch.stop_gradient):
+        x = _contiguous(x)
+        out = branch if _reusable(branch, overwrite) else _empty(x.shape)
+        return _residual_forward(x, _contiguous(branch), factors, out)
+    if factors is None:
+        return _ResidualAdd.apply(x, branch, None)
+    return _ResidualAdd.apply(x, branch, factors)

@@ -16,7 +16,7 @@ files load with ``set_dict``:
 Linear weights are stored [in, out] (Paddle's layout).
 
 Each layer's forward is the plain one, step by step as in the official code.
-Attention, Mlp, LayerNorm and ConvEmbed also have a speed path, the same
+Attention, Mlp, LayerNorm, ConvEmbed and Block also have a speed path, the same
 function with fewer passes over the activations and, on the CPU, threaded C
 kernels: it lives in fast_paths.py and plugs in with one branch per layer;
 `set_fast_paths(model, False)` turns it off (docs/speed.md).
@@ -68,13 +68,18 @@ class DropPath(nn.Layer):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x):
+    def sample_scale(self, x) -> Optional[paddle.Tensor]:
+        """A fresh per-sample factor for `x`, shaped (B, 1, ..): 0 (dropped) or 1 / keep_prob;
+        None when nothing is dropped (eval mode, or drop_prob 0)."""
         if self.drop_prob == 0.0 or not self.training:
-            return x
+            return None
         keep_prob = 1.0 - self.drop_prob
         shape = [x.shape[0]] + [1] * (x.ndim - 1)
-        mask = paddle.floor(keep_prob + paddle.rand(shape, dtype=x.dtype))
-        return x * (mask / keep_prob)  # the (B, 1, ..) factor first: one pass over x
+        return paddle.floor(keep_prob + paddle.rand(shape, dtype=x.dtype)) / keep_prob
+
+    def forward(self, x):
+        scale = self.sample_scale(x)
+        return x if scale is None else x * scale
 
     def extra_repr(self):
         return f'drop_prob={self.drop_prob}'
@@ -209,6 +214,8 @@ class Attention(nn.Layer):
 class Block(nn.Layer):
     """Pre-norm transformer block: attention and MLP, each with a residual."""
 
+    fast_path = True  # see set_fast_paths
+
     def __init__(self, dim_in: int, dim_out: int, num_heads: int, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, **attn_kwargs):
@@ -220,6 +227,8 @@ class Block(nn.Layer):
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), drop)
 
     def forward(self, x, h: int, w: int):
+        if self.fast_path:
+            return fast_paths.block(self, x, h, w)
         x = x + self.drop_path(self.attn(self.norm1(x), h, w))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -420,7 +429,7 @@ def set_fast_paths(model: nn.Layer, enabled: bool = True, fused_attention: Optio
     take the plain layers' operators).
     """
     for layer in model.sublayers(include_self=True):
-        if isinstance(layer, (Attention, Mlp, LayerNorm, ConvEmbed)):
+        if isinstance(layer, (Attention, Mlp, LayerNorm, ConvEmbed, Block)):
             layer.fast_path = enabled
         if isinstance(layer, Attention):
             layer.fused_attention = fused_attention

@@ -1,7 +1,7 @@
 """The speed paths of CvT's layers: the same functions as cvt.py's plain forwards, faster.
 
-cvt.py defines the layers as the paper and the official code write them. Four
-of them (Attention, Mlp, LayerNorm, ConvEmbed) hand their forward to a function
+cvt.py defines the layers as the paper and the official code write them. Five
+of them (Attention, Mlp, LayerNorm, ConvEmbed, Block) hand their forward to a function
 here when their ``fast_path`` flag is on (the default; `cvt.set_fast_paths`
 turns it off for a whole model). Each function takes the layer itself and reads
 its parameters, so the state dict is the plain layers'; each gives the plain
@@ -19,7 +19,8 @@ What they do differently, and why (measured figures in docs/speed.md):
   pass; the token embeddings' convolutions are one GEMM over the batch's
   patches, giving tokens without a transpose; the threaded C kernels of
   cpu_kernels.py replace Paddle's single-threaded depthwise convolution,
-  softmax, LayerNorm, SiLU, bias additions and bias gradients, each only
+  softmax, LayerNorm, SiLU, bias additions, residual additions (with
+  DropPath's per-sample factor) and bias gradients, each only
   on the instruction sets where it measured faster (`cpu_kernels.use`). In
   inference the kernels write into the temporaries they read.
 - Elsewhere (GPU): k's and v's depthwise convolutions run as one grouped
@@ -128,6 +129,25 @@ def _is_plain_square(conv: nn.Conv2D) -> bool:
             and list(conv._dilation) == [1, 1] and kernel[0] == kernel[1]
             and stride[0] == stride[1] and isinstance(padding, (list, tuple)) and len(padding) == 2
             and padding[0] == padding[1])
+
+
+# ---- transformer block ---------------------------------------------------------------
+
+def block(layer: nn.Layer, x: paddle.Tensor, h: int, w: int) -> paddle.Tensor:
+    """`layer`'s forward (cvt.Block): each residual addition, DropPath included, is one
+    threaded pass on the CPU."""
+    x = _residual(layer.drop_path, x, layer.attn(layer.norm1(x), h, w))
+    return _residual(layer.drop_path, x, layer.mlp(layer.norm2(x)))
+
+
+def _residual(drop_path: nn.Layer, x: paddle.Tensor, branch: paddle.Tensor) -> paddle.Tensor:
+    """``x + drop_path(branch)``; `branch` is a temporary of the caller's. DropPath's
+    factor is drawn as its own forward draws it (the same random stream)."""
+    sample_scale = getattr(drop_path, 'sample_scale', None)
+    if cpu_kernels.use('residual', x) and (sample_scale is not None or isinstance(drop_path, nn.Identity)):
+        scale = sample_scale(branch) if sample_scale is not None else None
+        return cpu_kernels.residual_add(x, branch, scale, overwrite=True)
+    return x + drop_path(branch)
 
 
 # ---- attention ---------------------------------------------------------------------------

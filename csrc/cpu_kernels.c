@@ -1,7 +1,7 @@
 /* Multi-threaded float32 CPU kernels for the layers where Paddle's own CPU
  * kernels are single-threaded or slow: depthwise convolution, the patch
- * embeddings' im2col, softmax, LayerNorm, SiLU with its bias, bias additions
- * and bias gradients (sums over rows or channels).
+ * embeddings' im2col, softmax, LayerNorm, SiLU with its bias, bias additions,
+ * residual additions and bias gradients (sums over rows or channels).
  *
  * Plain C with OpenMP, compiled at first use by cpu_kernels.py once per
  * instruction set (gcc -O3 -march=x86-64-v4 or -march=x86-64-v3), called
@@ -572,6 +572,37 @@ void cvt_add_bias(const float *x, const float *restrict bias, float *y,
         float *yr = y + plane * L;
         #pragma omp simd
         for (int64_t l = 0; l < L; ++l) yr[l] = xr[l] + value;
+    }
+}
+
+/* ---- residual additions ----------------------------------------------------------
+ * out = x + branch * scale[b] over B samples of `per_sample` floats each: a
+ * residual addition with DropPath's per-sample factor (scale NULL: 1) in one
+ * pass. x NULL: out = branch * scale[b] (the branch's gradient). out may be x or
+ * branch (in place). Threads split the whole array, not the samples, so that
+ * a batch of one uses them too. */
+#define RESIDUAL_BLOCK 16384
+
+void cvt_residual_add(const float *x, const float *branch, const float *scale, float *out,
+                      int64_t B, int64_t per_sample) {
+    const int64_t total = B * per_sample;
+    const int64_t blocks = (total + RESIDUAL_BLOCK - 1) / RESIDUAL_BLOCK;
+    #pragma omp parallel for schedule(static) num_threads(threads_for(total))
+    for (int64_t block = 0; block < blocks; ++block) {
+        const int64_t end = (block + 1) * RESIDUAL_BLOCK < total ? (block + 1) * RESIDUAL_BLOCK : total;
+        for (int64_t i = block * RESIDUAL_BLOCK; i < end;) {
+            const int64_t sample = i / per_sample;
+            const int64_t stop = (sample + 1) * per_sample < end ? (sample + 1) * per_sample : end;
+            const float factor = scale ? scale[sample] : 1.0f;
+            if (x) {
+                #pragma omp simd
+                for (int64_t j = i; j < stop; ++j) out[j] = x[j] + branch[j] * factor;
+            } else {
+                #pragma omp simd
+                for (int64_t j = i; j < stop; ++j) out[j] = branch[j] * factor;
+            }
+            i = stop;
+        }
     }
 }
 

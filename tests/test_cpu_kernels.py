@@ -200,12 +200,38 @@ def test_linear_and_bias_gradients_match_paddle(shape):
 
 
 @needs_kernels
+@pytest.mark.parametrize('shape', [(4, 7, 5), (1, 40000), (3, 6000, 3)])  # samples smaller and larger than a thread's block
+@pytest.mark.usefixtures('kernel_build')
+def test_residual_add_matches_paddle(shape):
+    x, branch = leaf(*shape), leaf(*shape)
+    upstream = paddle.randn(list(shape))
+    for got, want in zip(forward_and_grads(cpu_kernels.residual_add, [x, branch], upstream),
+                         forward_and_grads(lambda a, b: a + b, [x, branch], upstream)):
+        assert_same(got, want)
+    scale = paddle.to_tensor([0.0, 1.25, 2.0, 0.5][:shape[0]]).reshape([-1] + [1] * (len(shape) - 1))
+    for got, want in zip(forward_and_grads(lambda a, b: cpu_kernels.residual_add(a, b, scale), [x, branch], upstream),
+                         forward_and_grads(lambda a, b: a + b * scale, [x, branch], upstream)):
+        assert_same(got, want)
+
+
+@needs_kernels
+@pytest.mark.usefixtures('kernel_build')
+def test_residual_add_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r'x \[2, 3\] and branch \[3, 2\]'):
+        cpu_kernels.residual_add(paddle.ones([2, 3]), paddle.ones([3, 2]))
+    with pytest.raises(ValueError, match='per-sample scale of shape \\[3, 1\\] for a batch of 2'):
+        cpu_kernels.residual_add(paddle.ones([2, 3]), paddle.ones([2, 3]), paddle.ones([3, 1]))
+
+
+@needs_kernels
 @pytest.mark.usefixtures('kernel_build')
 def test_overwrite_reuses_a_temporary_only_without_gradients():
     ops = [(cpu_kernels.softmax, lambda t: F.softmax(t, axis=-1)),
            (lambda t, **kw: cpu_kernels.bias_silu(t, paddle.ones([5]), **kw), lambda t: F.silu(t + 1)),
            (lambda t, **kw: cpu_kernels.add_bias(t, paddle.arange(5, dtype='float32'), **kw),
-            lambda t: t + paddle.arange(5, dtype='float32'))]
+            lambda t: t + paddle.arange(5, dtype='float32')),
+           (lambda t, **kw: cpu_kernels.residual_add(paddle.ones([3, 4, 5]), t, paddle.full([3, 1, 1], 2.0), **kw),
+            lambda t: 1 + t * 2)]
     for ours, reference in ops:
         x = paddle.randn([3, 4, 5])
         want = reference(x)
@@ -308,6 +334,8 @@ def test_frozen_inputs_get_no_gradient():
         (cpu_kernels.bias_silu, [(3, 5), (5,)]),
         (lambda x, b: cpu_kernels.add_bias(x, b, axis=1), [(2, 3, 4), (3,)]),
         (lambda x, w, b: cpu_kernels.patch_conv(x, w, b, 2, 1)[0], [(2, 3, 6, 6), (4, 3, 3, 3), (4,)]),
+        (cpu_kernels.residual_add, [(2, 3, 4), (2, 3, 4)]),
+        (lambda x, b: cpu_kernels.residual_add(x, b, paddle.to_tensor([0.0, 2.0])), [(2, 3, 4), (2, 3, 4)]),
     ]
     for op, shapes in ops:
         for frozen in range(len(shapes)):

@@ -104,6 +104,30 @@ def test_training_gradients_and_batchnorm_statistics_match_plain_path(cpu_ops):
         np.testing.assert_allclose(buffer.numpy(), buffers[name].numpy(), atol=1e-6, err_msg=name)
 
 
+def test_block_with_drop_path_matches_plain_path_in_training(cpu_ops):
+    """The fast block draws DropPath's factors as the plain one does and adds the
+    residuals with them: outputs and gradients alike, dropped samples included."""
+    fast = cvt.Block(16, 16, num_heads=2, drop_path=0.5)
+    plain = copy.deepcopy(fast)
+    cvt.set_fast_paths(plain, False)
+    paddle.seed(3)
+    factors = fast.drop_path.sample_scale(paddle.ones([8, 1, 1])).flatten().numpy()
+    assert (factors == 0).any() and (factors == 2).any(), 'this seed should drop some samples and keep others'
+    tokens, upstream = paddle.randn([8, 1 + 16, 16]), paddle.randn([8, 1 + 16, 16])
+    results = []
+    for model in (fast, plain):
+        model.train()
+        x = tokens.clone()
+        x.stop_gradient = False
+        paddle.seed(3)
+        out = model(x, 4, 4)
+        (out * upstream).sum().backward()
+        results.append([out.numpy(), x.grad.numpy()] + [p.grad.numpy() for p in model.parameters()
+                                                        if not p.stop_gradient])
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_recording_attention_takes_explicit_softmax_and_keeps_logits():
     model = small_model()
     model.eval()

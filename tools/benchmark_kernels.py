@@ -40,6 +40,7 @@ def leaf(shape: Sequence[int], grad: bool = True) -> paddle.Tensor:
 def cases() -> List[Tuple[str, str, Op, Op, List[paddle.Tensor]]]:
     """(kernel, what, Paddle's op, the kernel, inputs) on CvT-13's largest shapes."""
     stage1 = leaf([16, 64, 56, 56])
+    drop_factors = paddle.floor(0.9 + paddle.rand([16, 1, 1])) / 0.9  # DropPath's, drop_prob 0.1
     return [
         ('depthwise_conv', '3x3 s1, 16x64x56x56',
          lambda x, w: F.conv2d(x, w, padding=1, groups=64),
@@ -75,6 +76,11 @@ def cases() -> List[Tuple[str, str, Op, Op, List[paddle.Tensor]]]:
         ('bias', 'bias on 16x197x384 tokens',
          lambda x, b: x + b,
          lambda x, b: cpu_kernels.add_bias(x, b), [leaf([16, 197, 384]), leaf([384])]),
+        ('residual', 'x + branch, 16x3136x64',
+         lambda x, y: x + y, cpu_kernels.residual_add, [leaf([16, 3136, 64]), leaf([16, 3136, 64])]),
+        ('residual', 'x + drop_path(branch), 16x197x384',
+         lambda x, y: x + y * drop_factors, lambda x, y: cpu_kernels.residual_add(x, y, drop_factors),
+         [leaf([16, 197, 384]), leaf([16, 197, 384])]),
     ]
 
 
