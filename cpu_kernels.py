@@ -1,7 +1,7 @@
 """Multi-threaded CPU kernels (csrc/cpu_kernels.c) as differentiable Paddle ops.
 
-Paddle's CPU kernels for depthwise convolution, softmax, LayerNorm, SiLU,
-broadcast bias additions, residual additions and bias gradients run on one thread, several times
+Paddle's CPU kernels for depthwise convolution, softmax, LayerNorm, BatchNorm,
+SiLU, broadcast bias additions, residual additions and bias gradients run on one thread, several times
 slower than the memory traffic allows, and its convolution runs a small GEMM per
 image; on a CvT they cost as much as all the matrix products.
 This module compiles the C file once per machine and instruction set (about
@@ -54,7 +54,7 @@ _ISA_CPU_FLAGS = {
 
 # The kernels measured faster than Paddle's op, per build (tools/benchmark_kernels.py
 # on CvT-13's shapes, forward + backward; figures in docs/speed.md).
-KERNELS = ('depthwise_conv', 'patch_conv', 'softmax', 'layer_norm', 'silu', 'bias', 'residual')
+KERNELS = ('depthwise_conv', 'patch_conv', 'softmax', 'layer_norm', 'batch_norm', 'silu', 'bias', 'residual')
 FASTER_THAN_PADDLE = {
     'avx512': frozenset(KERNELS),
     'avx2': frozenset(KERNELS),
@@ -143,7 +143,7 @@ def _declare(library: ctypes.CDLL) -> None:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     signatures = {
         'cvt_set_threads': [ctypes.c_int],
-        'cvt_dwconv2d_forward': [ptr] * 4 + [i64] * 9,
+        'cvt_dwconv2d_forward': [ptr] * 5 + [i64] * 9,
         'cvt_dwconv2d_backward': [ptr] * 5 + [i64] * 9,
         'cvt_softmax_forward': [ptr] * 2 + [i64] * 2,
         'cvt_softmax_backward': [ptr] * 3 + [i64] * 2,
@@ -156,6 +156,8 @@ def _declare(library: ctypes.CDLL) -> None:
         'cvt_bias_silu_backward': [ptr] * 4 + [i64] * 2,
         'cvt_col2im': [ptr] * 2 + [i64] * 9,
         'cvt_residual_add': [ptr] * 4 + [i64] * 2,
+        'cvt_batch_norm_forward': [ptr] * 9 + [i64] * 3 + [ctypes.c_float] * 2,
+        'cvt_batch_norm_backward': [ptr] * 9 + [i64] * 3,
     }
     for name, argtypes in signatures.items():
         function = getattr(library, name)
@@ -251,7 +253,7 @@ class _DepthwiseConv2D(PyLayer):
     def forward(ctx, x, weight, stride: int, padding: int):
         ctx.needs_grad = _needs_grad(x, weight)
         x, weight = _contiguous(x), _contiguous(weight)
-        y, geometry = _dwconv_forward(x, weight, None, stride, padding)
+        y, geometry = _dwconv_forward(x, weight, None, None, stride, padding)
         ctx.geometry = geometry
         ctx.save_for_backward(x, weight)
         return y
@@ -268,28 +270,40 @@ class _DepthwiseConv2D(PyLayer):
         return dx, dweight
 
 
-def _dwconv_forward(x, weight, bias, stride: int, padding: int):
+def _dwconv_forward(x, weight, bias, lead, stride: int, padding: int):
     batch, channels, height, width = (int(s) for s in x.shape)
     kernel = int(weight.shape[-1])
     out_h = (height + 2 * padding - kernel) // stride + 1
     out_w = (width + 2 * padding - kernel) // stride + 1
     geometry = (batch, channels, height, width, kernel, stride, padding, out_h, out_w)
-    y = _empty([batch, channels, out_h, out_w])
-    load().cvt_dwconv2d_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), *geometry)
+    y = _empty([batch, channels, out_h, out_w] if lead is None else [batch, channels, 1 + out_h * out_w])
+    load().cvt_dwconv2d_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(lead), _ptr(y), *geometry)
     return y, geometry
 
 
+def _check_lead(x: paddle.Tensor, lead: paddle.Tensor) -> paddle.Tensor:
+    if list(lead.shape) != [int(x.shape[0]), int(x.shape[1]), 1]:
+        raise ValueError(f'a lead column of shape {list(lead.shape)} for maps shaped {list(x.shape)}; '
+                         f'expected {[int(x.shape[0]), int(x.shape[1]), 1]}')
+    return _contiguous(lead)
+
+
 def depthwise_conv2d(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor] = None,
-                     stride: int = 1, padding: int = 0) -> paddle.Tensor:
+                     stride: int = 1, padding: int = 0, lead: Optional[paddle.Tensor] = None) -> paddle.Tensor:
     """Depthwise convolution of (B, C, H, W) `x` with a (C, 1, K, K) `weight`, square
-    kernel, the same `stride` and zero `padding` on both axes; `bias` (C,) for
-    inference only (no gradient: it serves BatchNorm folded into the weights)."""
+    kernel, the same `stride` and zero `padding` on both axes. For inference only (no
+    gradient): `bias` (C,), which serves BatchNorm folded into the weights, and
+    `lead` (B, C, 1), a column put before each flattened output map: the output is
+    then (B, C, 1 + OH * OW), a cls token joined to q, k or v without a copy."""
     if int(weight.shape[-1]) ** 2 > 64 or int(weight.shape[1]) != 1:
         raise ValueError(f'depthwise_conv2d: kernel {list(weight.shape)} not supported (K*K <= 64, one filter per channel)')
-    if bias is not None:
-        if not (x.stop_gradient and weight.stop_gradient and bias.stop_gradient) and paddle.is_grad_enabled():
-            raise ValueError('depthwise_conv2d: a bias is for inference (no gradient)')
-        return _dwconv_forward(_contiguous(x), _contiguous(weight), _contiguous(bias), stride, padding)[0]
+    if bias is not None or lead is not None:
+        extras = [t for t in (bias, lead) if t is not None]
+        if paddle.is_grad_enabled() and not all(t.stop_gradient for t in [x, weight] + extras):
+            raise ValueError('depthwise_conv2d: a bias or a lead column is for inference (no gradient)')
+        lead = None if lead is None else _check_lead(x, lead)
+        return _dwconv_forward(_contiguous(x), _contiguous(weight), None if bias is None else _contiguous(bias),
+                               lead, stride, padding)[0]
     return _DepthwiseConv2D.apply(x, weight, stride, padding)
 
 
@@ -573,3 +587,48 @@ def residual_add(x: paddle.Tensor, branch: paddle.Tensor, scale: Optional[paddle
     if factors is None:
         return _ResidualAdd.apply(x, branch, None)
     return _ResidualAdd.apply(x, branch, factors)
+
+
+class _BatchNorm(PyLayer):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lead, running_mean, running_variance, momentum: float, epsilon: float):
+        ctx.needs_grad = _needs_grad(x, weight, bias) + ((not lead.stop_gradient,) if lead is not None else ())
+        x = _contiguous(x)
+        batch, channels = int(x.shape[0]), int(x.shape[1])
+        length = int(x.size) // (batch * channels)
+        y = _empty([batch, channels, length + (0 if lead is None else 1)])
+        mean, rstd = _empty([channels]), _empty([channels])
+        load().cvt_batch_norm_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(lead), _ptr(y), _ptr(mean),
+                                      _ptr(rstd), _ptr(running_mean), _ptr(running_variance),
+                                      batch, channels, length, momentum, epsilon)
+        ctx.with_lead = lead is not None
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensor()
+        batch, channels = int(x.shape[0]), int(x.shape[1])
+        dx, dweight, dbias = _empty(x.shape), _empty([channels]), _empty([channels])
+        dlead = _empty([batch, channels, 1]) if ctx.with_lead else None
+        load().cvt_batch_norm_backward(_ptr(_contiguous(dy)), _ptr(x), _ptr(weight), _ptr(mean), _ptr(rstd),
+                                       _ptr(dx), _ptr(dweight), _ptr(dbias), _ptr(dlead),
+                                       batch, channels, int(x.size) // (batch * channels))
+        grads = (dx, dweight, dbias) + ((dlead,) if ctx.with_lead else ())
+        return _only_needed(ctx.needs_grad, *grads) + (None, None)
+
+
+def batch_norm(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor, running_mean: paddle.Tensor,
+               running_variance: paddle.Tensor, momentum: float, epsilon: float,
+               lead: Optional[paddle.Tensor] = None) -> paddle.Tensor:
+    """BatchNorm of (B, C, ..) `x` in training, flattened to (B, C, L): normalised with the
+    batch's statistics, and `running_mean` and `running_variance` updated in place as
+    Paddle's BatchNorm updates them. `lead` (B, C, 1): a column put before each channel's
+    values, as in `depthwise_conv2d` (the output is then (B, C, 1 + L)), with its gradient."""
+    channels = int(x.shape[1])
+    for name, t in (('weight', weight), ('bias', bias), ('running_mean', running_mean),
+                    ('running_variance', running_variance)):
+        if list(t.shape) != [channels]:
+            raise ValueError(f'batch_norm: {name} of shape {list(t.shape)} for {channels} channels')
+    lead = None if lead is None else _check_lead(x, lead)
+    return _BatchNorm.apply(x, weight, bias, lead, running_mean, running_variance, float(momentum), float(epsilon))

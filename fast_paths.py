@@ -166,10 +166,8 @@ def attention(attn: nn.Layer, x: paddle.Tensor, h: int, w: int) -> paddle.Tensor
     # graphs with a dynamic batch cannot infer it
     x_map = tokens.transpose([0, 2, 1]).reshape([0, tokens.shape[2], h, w])
     x_map = x_map.contiguous() if hasattr(x_map, 'contiguous') else x_map
-    q, k, v = _projected_maps(attn, x_map)
-    if cls_token is not None:
-        cls_column = cls_token.reshape([0, -1, 1])  # (B, 1, C) -> (B, C, 1)
-        q, k, v = (paddle.concat([cls_column, t], axis=2) for t in (q, k, v))
+    cls_column = None if cls_token is None else cls_token.reshape([0, -1, 1])  # (B, 1, C) -> (B, C, 1)
+    q, k, v = _projected_maps(attn, x_map, cls_column)
     fused = attn.fused_attention
     if fused is None:
         # Paddle's fused kernel is flash attention, for float16/bfloat16 on GPU
@@ -182,11 +180,22 @@ def attention(attn: nn.Layer, x: paddle.Tensor, h: int, w: int) -> paddle.Tensor
     return attn.proj_drop(out)
 
 
-def _projected_maps(attn: nn.Layer, x_map: paddle.Tensor):
-    """Channels-first (B, C, L) maps of q, k and v after their convolutional projections."""
+def _projected_maps(attn: nn.Layer, x_map: paddle.Tensor, cls_column: Optional[paddle.Tensor]):
+    """Channels-first (B, C, L) maps of q, k and v after their convolutional projections,
+    each with `cls_column` (B, C, 1) before it where one is given."""
     projections = (attn.conv_proj_q, attn.conv_proj_k, attn.conv_proj_v)
     if cpu_kernels.use('depthwise_conv', x_map):
-        return tuple(_project_with_kernel(projection, x_map).flatten(2) for projection in projections)
+        return tuple(_project_with_kernel(projection, x_map, cls_column) for projection in projections)
+    return tuple(_after(cls_column, t) for t in _projected_maps_without_kernels(attn, x_map))
+
+
+def _after(lead: Optional[paddle.Tensor], maps: paddle.Tensor) -> paddle.Tensor:
+    """(B, C, L) `maps` with the (B, C, 1) column `lead` before them, if any."""
+    return maps if lead is None else paddle.concat([lead, maps], axis=2)
+
+
+def _projected_maps_without_kernels(attn: nn.Layer, x_map: paddle.Tensor):
+    projections = (attn.conv_proj_q, attn.conv_proj_k, attn.conv_proj_v)
     q = x_map if attn.conv_proj_q is None else attn.conv_proj_q(x_map)
     if _is_dw_bn(attn.conv_proj_k) and _is_dw_bn(attn.conv_proj_v):
         # channel c of the map gives channels 2c (k) and 2c+1 (v): one convolution
@@ -255,20 +264,33 @@ def _is_dw_bn(projection: Optional[nn.Layer]) -> bool:
             and type(projection[1]) is nn.BatchNorm2D)
 
 
-def _project_with_kernel(projection: Optional[nn.Layer], x_map):
-    """One convolutional projection, a dw_bn one through the threaded depthwise kernel
-    (with BatchNorm folded into it in inference)."""
+def _project_with_kernel(projection: Optional[nn.Layer], x_map, lead: Optional[paddle.Tensor]):
+    """One convolutional projection, flattened to (B, C, L) after `lead` (if given); a dw_bn
+    one through the threaded depthwise kernel, which writes after the lead column itself
+    where it can: with BatchNorm folded into it in inference, through the BatchNorm
+    kernel in training."""
     if projection is None:
-        return x_map
+        return _after(lead, x_map.flatten(2))
     if not (_is_dw_bn(projection) and _kernel_fits(projection[0])):
-        return projection(x_map)
+        return _after(lead, projection(x_map).flatten(2))
     conv, norm = projection[0], projection[1]
     stride, padding = conv._stride[0], conv._updated_padding[0]
     if not norm.training and not paddle.is_grad_enabled():
         factor = norm.weight / paddle.sqrt(norm._variance + norm._epsilon)
         return cpu_kernels.depthwise_conv2d(x_map, conv.weight * factor.reshape([-1, 1, 1, 1]),
-                                            norm.bias - norm._mean * factor, stride, padding)
-    return norm(cpu_kernels.depthwise_conv2d(x_map, conv.weight, None, stride, padding))
+                                            norm.bias - norm._mean * factor, stride, padding, lead=lead).flatten(2)
+    maps = cpu_kernels.depthwise_conv2d(x_map, conv.weight, None, stride, padding)
+    if norm.training and _batch_norm_fits(norm) and cpu_kernels.use('batch_norm', maps):
+        return cpu_kernels.batch_norm(maps, norm.weight, norm.bias, norm._mean, norm._variance,
+                                      norm._momentum, norm._epsilon, lead)
+    return _after(lead, norm(maps).flatten(2))
+
+
+def _batch_norm_fits(norm: nn.BatchNorm2D) -> bool:
+    """Whether cpu_kernels.batch_norm computes `norm` in training: batch statistics,
+    an affine weight and bias, channels first."""
+    return (not norm._use_global_stats and norm.weight is not None and norm.bias is not None
+            and norm._data_format == 'NCHW')
 
 
 def _kernel_fits(conv: nn.Conv2D) -> bool:

@@ -1,7 +1,8 @@
 /* Multi-threaded float32 CPU kernels for the layers where Paddle's own CPU
  * kernels are single-threaded or slow: depthwise convolution, the patch
- * embeddings' im2col, softmax, LayerNorm, SiLU with its bias, bias additions,
- * residual additions and bias gradients (sums over rows or channels).
+ * embeddings' im2col, softmax, LayerNorm, BatchNorm in training, SiLU with its
+ * bias, bias additions, residual additions and bias gradients (sums over rows
+ * or channels).
  *
  * Plain C with OpenMP, compiled at first use by cpu_kernels.py once per
  * instruction set (gcc -O3 -march=x86-64-v4 or -march=x86-64-v3), called
@@ -250,9 +251,13 @@ static void dw_from_grid(const dw_layout *L, const float *restrict grid, float *
  * that short are mostly loop overhead. Measured on CvT's maps (56, 28, 14 wide). */
 #define DW_GRID_MAX_WIDTH 32
 
-void cvt_dwconv2d_forward(const float *x, const float *weight, const float *bias, float *y,
-                          int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
+/* `lead` (B, C) may be NULL. Given, each output plane is stored flattened after
+ * its lead entry: y is (B, C, 1 + OH * OW), a cls token's column before the
+ * map's (the attention's q, k and v in inference). */
+void cvt_dwconv2d_forward(const float *x, const float *weight, const float *bias, const float *lead,
+                          float *y, int64_t B, int64_t C, int64_t H, int64_t W, int64_t K,
                           int64_t stride, int64_t pad, int64_t OH, int64_t OW) {
+    const int64_t y_plane = OH * OW + (lead ? 1 : 0);
     const dw_layout L = dw_make_layout(H, W, K, stride, pad, OH, OW);
     const int on_grid = stride == 1 && OW < DW_GRID_MAX_WIDTH;
     const int64_t PW = W + 2 * pad, PH = H + 2 * pad;
@@ -265,7 +270,8 @@ void cvt_dwconv2d_forward(const float *x, const float *weight, const float *bias
             const int64_t c = plane % C;
             const float start = bias ? bias[c] : 0.0f;
             const float *wp = weight + c * K * K;
-            float *yp = y + plane * OH * OW;
+            float *yp = y + plane * y_plane;
+            if (lead) *yp++ = lead[plane];
             if (on_grid) {
                 dw_to_phases(&L, x + plane * H * W, scratch);
                 if (K == 3)
@@ -512,6 +518,97 @@ void cvt_layer_norm_backward(const float *dy, const float *x, const float *gamma
         dbeta[i] = b;
     }
     free(partial);
+}
+
+/* ---- BatchNorm in training ------------------------------------------------------
+ * x (B, C, L): normalised per channel with the batch's mean and (biased)
+ * variance, scaled and shifted; the running statistics move by `momentum` as
+ * Paddle's BatchNorm moves them (running = momentum * running + (1 - momentum)
+ * * batch). `lead` (B, C) may be NULL; given, y is (B, C, 1 + L) with the lead
+ * entry before each plane, as in cvt_dwconv2d_forward. One thread owns a
+ * channel; its B planes stay in cache across the passes. */
+void cvt_batch_norm_forward(const float *x, const float *gamma, const float *beta, const float *lead,
+                            float *y, float *mean_out, float *rstd_out, float *running_mean,
+                            float *running_var, int64_t B, int64_t C, int64_t L, float momentum,
+                            float eps) {
+    const int64_t y_plane = L + (lead ? 1 : 0);
+    #pragma omp parallel for schedule(static) num_threads(threads_for(B * C * L))
+    for (int64_t c = 0; c < C; ++c) {
+        /* one pass for both moments, about a shift (the channel's first value) so that
+         * a mean far from zero costs no precision: var = E[(x - s)^2] - (E[x - s])^2 */
+        const float shift_value = x[c * L];
+        double sum = 0.0, squares = 0.0;
+        for (int64_t b = 0; b < B; ++b) {
+            const float *xp = x + (b * C + c) * L;
+            float part = 0.0f, part_squares = 0.0f;
+            #pragma omp simd reduction(+:part, part_squares)
+            for (int64_t l = 0; l < L; ++l) {
+                const float d = xp[l] - shift_value;
+                part += d;
+                part_squares += d * d;
+            }
+            sum += part;
+            squares += part_squares;
+        }
+        const double n = (double)(B * L), shifted_mean = sum / n;
+        const float mean = (float)(shift_value + shifted_mean);
+        const double var_d = squares / n - shifted_mean * shifted_mean;
+        const float var = (float)(var_d > 0.0 ? var_d : 0.0);
+        const float rstd = 1.0f / sqrtf(var + eps);
+        const float scale = gamma[c] * rstd, shift = beta[c] - mean * scale;
+        for (int64_t b = 0; b < B; ++b) {
+            const float *xp = x + (b * C + c) * L;
+            float *yp = y + (b * C + c) * y_plane;
+            if (lead) *yp++ = lead[b * C + c];
+            #pragma omp simd
+            for (int64_t l = 0; l < L; ++l) yp[l] = xp[l] * scale + shift;
+        }
+        mean_out[c] = mean;
+        rstd_out[c] = rstd;
+        running_mean[c] = momentum * running_mean[c] + (1.0f - momentum) * mean;
+        running_var[c] = momentum * running_var[c] + (1.0f - momentum) * var;
+    }
+}
+
+/* Its gradients: dx (B, C, L), dgamma and dbeta (C); dy is (B, C, L), or
+ * (B, C, 1 + L) when dlead (B, C) is given, which receives the lead entries'. */
+void cvt_batch_norm_backward(const float *dy, const float *x, const float *gamma, const float *mean,
+                             const float *rstd, float *dx, float *dgamma, float *dbeta, float *dlead,
+                             int64_t B, int64_t C, int64_t L) {
+    const int64_t dy_plane = L + (dlead ? 1 : 0);
+    const int64_t skip = dlead ? 1 : 0;
+    #pragma omp parallel for schedule(static) num_threads(threads_for(B * C * L))
+    for (int64_t c = 0; c < C; ++c) {
+        const float mu = mean[c], inv = rstd[c];
+        double sum_dy = 0.0, sum_dy_xhat = 0.0;
+        for (int64_t b = 0; b < B; ++b) {
+            const float *dyp = dy + (b * C + c) * dy_plane + skip;
+            const float *xp = x + (b * C + c) * L;
+            float part_dy = 0.0f, part_dy_xhat = 0.0f;
+            #pragma omp simd reduction(+:part_dy, part_dy_xhat)
+            for (int64_t l = 0; l < L; ++l) {
+                part_dy += dyp[l];
+                part_dy_xhat += dyp[l] * (xp[l] - mu) * inv;
+            }
+            sum_dy += part_dy;
+            sum_dy_xhat += part_dy_xhat;
+            if (dlead) dlead[b * C + c] = dyp[-1];
+        }
+        if (dgamma) dgamma[c] = (float)sum_dy_xhat;
+        if (dbeta) dbeta[c] = (float)sum_dy;
+        if (!dx) continue;
+        const float n = (float)(B * L);
+        const float mean_dy = (float)sum_dy / n, mean_dy_xhat = (float)sum_dy_xhat / n;
+        const float factor = gamma[c] * inv;
+        for (int64_t b = 0; b < B; ++b) {
+            const float *dyp = dy + (b * C + c) * dy_plane + skip;
+            const float *xp = x + (b * C + c) * L;
+            float *dxp = dx + (b * C + c) * L;
+            #pragma omp simd
+            for (int64_t l = 0; l < L; ++l)
+                dxp[l] = factor * (dyp[l] - mean_dy - (xp[l] - mu) * inv * mean_dy_xhat);
+        }
+    }
 }
 
 /* ---- SiLU ---------------------------------------------------------------------- */

@@ -83,10 +83,49 @@ def test_depthwise_conv2d_bias_is_inference_only():
         got = cpu_kernels.depthwise_conv2d(x, weight, bias, 2, 1)
     assert_same(got, F.conv2d(x, weight, bias, stride=2, padding=1, groups=4))
     weight.stop_gradient = False
-    with pytest.raises(ValueError, match='bias is for inference'):
+    with pytest.raises(ValueError, match='is for inference'):
         cpu_kernels.depthwise_conv2d(x, weight, bias, 1, 1)
     with pytest.raises(ValueError, match='not supported'):
         cpu_kernels.depthwise_conv2d(x, paddle.randn([4, 1, 9, 9]), None, 1, 4)
+
+
+@needs_kernels
+@pytest.mark.usefixtures('kernel_build')
+def test_depthwise_conv2d_puts_a_lead_column_before_each_map():
+    x, weight, bias, lead = paddle.randn([2, 4, 7, 7]), paddle.randn([4, 1, 3, 3]), paddle.randn([4]), paddle.randn([2, 4, 1])
+    for stride in (1, 2):
+        with paddle.no_grad():
+            got = cpu_kernels.depthwise_conv2d(x, weight, bias, stride, 1, lead=lead)
+        want = paddle.concat([lead, F.conv2d(x, weight, bias, stride=stride, padding=1, groups=4).flatten(2)], axis=2)
+        assert_same(got, want)
+    with pytest.raises(ValueError, match=r'lead column of shape \[2, 4\] for maps shaped \[2, 4, 7, 7\]'):
+        cpu_kernels.depthwise_conv2d(x, weight, bias, 1, 1, lead=paddle.randn([2, 4]))
+
+
+@needs_kernels
+@pytest.mark.parametrize('shape, with_lead', [((3, 5, 4, 6), False), ((2, 4, 7, 7), True), ((4, 3, 300), True)])
+@pytest.mark.usefixtures('kernel_build')
+def test_batch_norm_matches_paddle_in_training(shape, with_lead):
+    channels = shape[1]
+    x, weight, bias = leaf(*shape, scale=2.0, shift=1.0), leaf(channels), leaf(channels)
+    inputs = [x, weight, bias] + ([leaf(shape[0], channels, 1)] if with_lead else [])
+    upstream = paddle.randn([shape[0], channels, int(np.prod(shape[2:])) + int(with_lead)])
+    statistics = {}
+    for side in ('ours', 'paddle'):
+        mean, variance = paddle.randn([channels]) * 0.1, paddle.rand([channels]) + 0.5
+        def op(x, weight, bias, *lead):
+            if side == 'ours':
+                return cpu_kernels.batch_norm(x, weight, bias, mean, variance, 0.9, 1e-5, *lead)
+            y = F.batch_norm(x, mean, variance, weight, bias, training=True, momentum=0.9, epsilon=1e-5).flatten(2)
+            return paddle.concat([lead[0], y], axis=2) if lead else y
+        paddle.seed(0)  # the same starting statistics on both sides
+        mean.set_value(paddle.randn([channels]) * 0.1)
+        variance.set_value(paddle.rand([channels]) + 0.5)
+        statistics[side] = (forward_and_grads(op, inputs, upstream), mean.numpy(), variance.numpy())
+    for got, want in zip(statistics['ours'][0], statistics['paddle'][0]):
+        assert_same(got, want, atol=1e-4)
+    np.testing.assert_allclose(statistics['ours'][1], statistics['paddle'][1], atol=1e-6)
+    np.testing.assert_allclose(statistics['ours'][2], statistics['paddle'][2], atol=1e-6)
 
 
 @needs_kernels
@@ -335,6 +374,8 @@ def test_frozen_inputs_get_no_gradient():
         (lambda x, b: cpu_kernels.add_bias(x, b, axis=1), [(2, 3, 4), (3,)]),
         (lambda x, w, b: cpu_kernels.patch_conv(x, w, b, 2, 1)[0], [(2, 3, 6, 6), (4, 3, 3, 3), (4,)]),
         (cpu_kernels.residual_add, [(2, 3, 4), (2, 3, 4)]),
+        (lambda x, w, b, lead: cpu_kernels.batch_norm(x, w, b, paddle.zeros([3]), paddle.ones([3]), 0.9, 1e-5, lead),
+         [(2, 3, 4, 4), (3,), (3,), (2, 3, 1)]),
         (lambda x, b: cpu_kernels.residual_add(x, b, paddle.to_tensor([0.0, 2.0])), [(2, 3, 4), (2, 3, 4)]),
     ]
     for op, shapes in ops:
