@@ -37,23 +37,19 @@ def leaf(shape: Sequence[int], grad: bool = True) -> paddle.Tensor:
     return t
 
 
+def depthwise_case(maps: paddle.Tensor, stride: int) -> Tuple[str, str, Op, Op, List[paddle.Tensor]]:
+    """A 3x3 depthwise convolution of `maps` (B, C, H, W) with padding 1."""
+    channels = int(maps.shape[1])
+    return ('depthwise_conv', f'3x3 s{stride}, ' + 'x'.join(str(int(n)) for n in maps.shape),
+            lambda x, w: F.conv2d(x, w, stride=stride, padding=1, groups=channels),
+            lambda x, w: cpu_kernels.depthwise_conv2d(x, w, None, stride, 1), [maps, leaf([channels, 1, 3, 3])])
+
+
 def cases() -> List[Tuple[str, str, Op, Op, List[paddle.Tensor]]]:
     """(kernel, what, Paddle's op, the kernel, inputs) on CvT-13's largest shapes."""
-    stage1, stage3 = leaf([16, 64, 56, 56]), leaf([16, 384, 14, 14])
+    stage1 = leaf([16, 64, 56, 56])
     drop_factors = paddle.floor(0.9 + paddle.rand([16, 1, 1])) / 0.9  # DropPath's, drop_prob 0.1
-    return [
-        ('depthwise_conv', '3x3 s1, 16x64x56x56',
-         lambda x, w: F.conv2d(x, w, padding=1, groups=64),
-         lambda x, w: cpu_kernels.depthwise_conv2d(x, w, None, 1, 1), [stage1, leaf([64, 1, 3, 3])]),
-        ('depthwise_conv', '3x3 s2, 16x64x56x56',
-         lambda x, w: F.conv2d(x, w, stride=2, padding=1, groups=64),
-         lambda x, w: cpu_kernels.depthwise_conv2d(x, w, None, 2, 1), [stage1, leaf([64, 1, 3, 3])]),
-        ('depthwise_conv', '3x3 s1, 16x384x14x14',
-         lambda x, w: F.conv2d(x, w, padding=1, groups=384),
-         lambda x, w: cpu_kernels.depthwise_conv2d(x, w, None, 1, 1), [stage3, leaf([384, 1, 3, 3])]),
-        ('depthwise_conv', '3x3 s2, 16x384x14x14',
-         lambda x, w: F.conv2d(x, w, stride=2, padding=1, groups=384),
-         lambda x, w: cpu_kernels.depthwise_conv2d(x, w, None, 2, 1), [stage3, leaf([384, 1, 3, 3])]),
+    return [depthwise_case(maps, stride) for maps in (stage1, leaf([16, 384, 14, 14])) for stride in (1, 2)] + [
         ('patch_conv', '7x7 s4, 16x3x224x224 -> 64',
          lambda x, w, b: F.conv2d(x, w, b, stride=4, padding=2).flatten(2).transpose([0, 2, 1]),
          lambda x, w, b: cpu_kernels.patch_conv(x, w, b, 4, 2)[0],
