@@ -19,10 +19,11 @@ What they do differently, and why (measured figures in docs/speed.md):
   pass; the token embeddings' convolutions are one GEMM over the batch's
   patches, giving tokens without a transpose; the threaded C kernels of
   cpu_kernels.py replace Paddle's single-threaded depthwise convolution,
-  softmax, LayerNorm, SiLU, bias additions, residual additions (with
-  DropPath's per-sample factor) and bias gradients, each only
-  on the instruction sets where it measured faster (`cpu_kernels.use`). In
-  inference the kernels write into the temporaries they read.
+  softmax, LayerNorm, BatchNorm (training), SiLU, bias additions, residual
+  additions (with DropPath's per-sample factor) and bias gradients, each only
+  on the instruction sets where it measured faster (`cpu_kernels.use`). The
+  kernels that write q, k and v put the cls token's column before them (no
+  concatenation). In inference the kernels write into the temporaries they read.
 - Elsewhere (GPU): k's and v's depthwise convolutions run as one grouped
   convolution, and under float16/bfloat16 the attention is
   F.scaled_dot_product_attention (flash attention).
@@ -195,7 +196,7 @@ def _after(lead: Optional[paddle.Tensor], maps: paddle.Tensor) -> paddle.Tensor:
 
 
 def _projected_maps_without_kernels(attn: nn.Layer, x_map: paddle.Tensor):
-    projections = (attn.conv_proj_q, attn.conv_proj_k, attn.conv_proj_v)
+    """`_projected_maps` through Paddle's ops, without the cls column."""
     q = x_map if attn.conv_proj_q is None else attn.conv_proj_q(x_map)
     if _is_dw_bn(attn.conv_proj_k) and _is_dw_bn(attn.conv_proj_v):
         # channel c of the map gives channels 2c (k) and 2c+1 (v): one convolution
