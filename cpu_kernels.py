@@ -584,8 +584,6 @@ def residual_add(x: paddle.Tensor, branch: paddle.Tensor, scale: Optional[paddle
         x = _contiguous(x)
         out = branch if _reusable(branch, overwrite) else _empty(x.shape)
         return _residual_forward(x, _contiguous(branch), factors, out)
-    if factors is None:
-        return _ResidualAdd.apply(x, branch, None)
     return _ResidualAdd.apply(x, branch, factors)
 
 
