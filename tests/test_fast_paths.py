@@ -182,7 +182,7 @@ def test_runtime_sets_threads_and_mkl_path_but_respects_the_user(monkeypatch):
     monkeypatch.setenv('MKL_NUM_THREADS', '1')
     runtime.configure()
     assert os.environ['MKL_NUM_THREADS'] == '1'  # the user's
-    assert os.environ['KMP_BLOCKTIME'] == '0'
+    assert os.environ['KMP_BLOCKTIME'] == '1'
     monkeypatch.delenv('MKL_DEBUG_CPU_TYPE')
     monkeypatch.setattr(runtime, 'cpu_info', lambda: ('GenuineIntel', frozenset({'avx2', 'fma', 'avx512f'})))
     runtime.configure()

@@ -107,9 +107,9 @@ def onnx_session(onnx_file: str, threads: int = 0):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # idle threads sleep rather than spin, as runtime.py sets for MKL's threads
-    # (KMP_BLOCKTIME=0): spinning takes the cores from whatever else runs (CvT-13,
-    # batch 16, 2 shared Zen 4 cores: 3.1 img/s spinning, 4.1 not; docs/deploy.md)
+    # idle threads sleep rather than spin: spinning takes the cores from whatever
+    # else runs (CvT-13, batch 16, 2 shared Zen 4 cores: 3.1 img/s spinning, 4.1
+    # not; docs/deploy.md)
     options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     options.log_severity_level = 3  # errors only: its warnings name unused initializers
     return ort.InferenceSession(onnx_file, options, providers=['CPUExecutionProvider'])
