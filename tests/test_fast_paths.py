@@ -171,6 +171,8 @@ def test_state_dict_keys_unchanged_by_fast_paths():
 
 def test_runtime_sets_threads_and_mkl_path_but_respects_the_user(monkeypatch):
     import runtime
+    shared = []
+    monkeypatch.setattr(runtime, 'share_threads_with_paddle', shared.append)  # not in this process
     for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'KMP_BLOCKTIME'):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(runtime, 'usable_cores', lambda: 7)
@@ -183,6 +185,11 @@ def test_runtime_sets_threads_and_mkl_path_but_respects_the_user(monkeypatch):
     runtime.configure()
     assert os.environ['MKL_NUM_THREADS'] == '1'  # the user's
     assert os.environ['KMP_BLOCKTIME'] == '1'
+    assert shared == ['7', '1']
+    monkeypatch.setenv('OMP_NUM_THREADS', '3')
+    runtime.configure()
+    assert shared == ['7', '1']  # the user's OpenMP threads stay
+    monkeypatch.delenv('OMP_NUM_THREADS')
     monkeypatch.delenv('MKL_DEBUG_CPU_TYPE')
     monkeypatch.setattr(runtime, 'cpu_info', lambda: ('GenuineIntel', frozenset({'avx2', 'fma', 'avx512f'})))
     runtime.configure()
@@ -212,6 +219,28 @@ def test_plain_path_calls_every_linear_and_conv_layer():
     with paddle.no_grad():
         model(paddle.randn([1, 3, 32, 32]))
     assert sorted(called) == sorted(id(layer) for layer in layers)
+
+
+def test_paddle_openmp_kernels_get_the_configured_threads():
+    """Paddle's own OpenMP kernels run on as many threads as MKL after configure();
+    without it Paddle leaves them on one."""
+    code = '''
+import ctypes, os, sys
+sys.path.insert(0, '.')
+import runtime
+runtime.configure(threads=2)
+import paddle
+iomp = [p for p in open('/proc/self/maps').read().split() if os.path.basename(p).startswith('libiomp5')][0]
+print(ctypes.CDLL(iomp).omp_get_max_threads())
+'''
+    import runtime
+    if runtime.usable_cores() < 2 or not sys.platform.startswith('linux'):
+        pytest.skip('needs 2 cores and Linux (/proc/self/maps)')
+    env = {k: v for k, v in os.environ.items() if k not in ('MKL_NUM_THREADS', 'OMP_NUM_THREADS')}
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == '2'
 
 
 def test_importing_the_model_changes_nothing_process_wide():
