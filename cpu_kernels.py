@@ -57,11 +57,14 @@ _ISA_CPU_FLAGS = {
 
 # The kernels measured faster than Paddle's op, per build (tools/benchmark_kernels.py
 # on CvT-13's shapes, forward + backward; figures in docs/speed.md).
-KERNELS = ('depthwise_conv', 'patch_conv', 'softmax', 'layer_norm', 'batch_norm', 'silu', 'bias', 'residual')
+KERNELS = ('depthwise_conv', 'patch_conv', 'softmax', 'layer_norm', 'batch_norm', 'silu', 'bias', 'residual',
+           'transpose')
 FASTER_THAN_PADDLE = {
     'avx512': frozenset(KERNELS),
     'avx2': frozenset(KERNELS),
 }
+
+FLOAT_BYTES = 4  # the kernels take float32 only
 
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
@@ -155,12 +158,14 @@ def _declare(library: ctypes.CDLL) -> None:
         'cvt_channel_sum': [ptr] * 2 + [i64] * 3,
         'cvt_add_bias': [ptr] * 3 + [i64] * 3,
         'cvt_im2col': [ptr] * 2 + [i64] * 9,
-        'cvt_bias_silu_forward': [ptr] * 3 + [i64] * 2,
-        'cvt_bias_silu_backward': [ptr] * 4 + [i64] * 2,
+        'cvt_bias_silu_forward': [ptr] * 3 + [i64] * 2 + [ctypes.c_float],
+        'cvt_bias_silu_backward': [ptr] * 4 + [i64] * 2 + [ctypes.c_float],
         'cvt_col2im': [ptr] * 2 + [i64] * 9,
         'cvt_residual_add': [ptr] * 4 + [i64] * 2,
+        'cvt_transpose_batched': [ptr] * 2 + [i64] * 5,
         'cvt_batch_norm_forward': [ptr] * 9 + [i64] * 3 + [ctypes.c_float] * 2,
         'cvt_batch_norm_backward': [ptr] * 9 + [i64] * 3,
+        'cvt_fold_batch_norm': [ptr] * 5 + [ctypes.c_float] + [ptr] * 2 + [i64] * 2,
     }
     for name, argtypes in signatures.items():
         function = getattr(library, name)
@@ -435,13 +440,14 @@ def _check_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int) -> None:
 
 class _BiasSiLU(PyLayer):
     @staticmethod
-    def forward(ctx, x, bias):
+    def forward(ctx, x, bias, slope: float):
         ctx.needs_grad = _needs_grad(x, bias)
         x, bias = _contiguous(x), _contiguous(bias)
         y = _empty(x.shape)
         cols = int(x.shape[-1])
-        load().cvt_bias_silu_forward(_ptr(x), _ptr(bias), _ptr(y), int(x.size) // cols, cols)
+        load().cvt_bias_silu_forward(_ptr(x), _ptr(bias), _ptr(y), int(x.size) // cols, cols, slope)
         ctx.save_for_backward(x, bias)
+        ctx.slope = slope
         return y
 
     @staticmethod
@@ -450,19 +456,20 @@ class _BiasSiLU(PyLayer):
         dz = _empty(x.shape)
         cols = int(x.shape[-1])
         load().cvt_bias_silu_backward(_ptr(x), _ptr(bias), _ptr(_contiguous(dy)), _ptr(dz),
-                                      int(x.size) // cols, cols)
+                                      int(x.size) // cols, cols, ctx.slope)
         return _only_needed(ctx.needs_grad, dz, channel_sum(dz, -1) if ctx.needs_grad[1] else None)
 
 
-def bias_silu(x: paddle.Tensor, bias: paddle.Tensor, overwrite: bool = False) -> paddle.Tensor:
-    """silu(x + bias), `bias` along the last axis: a Linear layer's bias and its
-    activation in one pass; `overwrite` as for `softmax`."""
+def bias_silu(x: paddle.Tensor, bias: paddle.Tensor, slope: float = 1.0, overwrite: bool = False) -> paddle.Tensor:
+    """``z * sigmoid(slope * z)`` of ``z = x + bias``, `bias` along the last axis: a Linear
+    layer's bias and its activation in one pass. Slope 1 is SiLU; 1.702 is QuickGELU,
+    CvT's activation. `overwrite` as for `softmax`."""
     _check_bias(x, bias, len(x.shape) - 1)
     if _reusable(x, overwrite) and (not paddle.is_grad_enabled() or bias.stop_gradient):
         cols = int(x.shape[-1])
-        load().cvt_bias_silu_forward(_ptr(x), _ptr(_contiguous(bias)), _ptr(x), int(x.size) // cols, cols)
+        load().cvt_bias_silu_forward(_ptr(x), _ptr(_contiguous(bias)), _ptr(x), int(x.size) // cols, cols, slope)
         return x
-    return _BiasSiLU.apply(x, bias)
+    return _BiasSiLU.apply(x, bias, slope)
 
 
 def _around_axis(shape: Sequence[int], axis: int) -> Tuple[int, int, int]:
@@ -588,6 +595,80 @@ def residual_add(x: paddle.Tensor, branch: paddle.Tensor, scale: Optional[paddle
         out = branch if _reusable(branch, overwrite) else _empty(x.shape)
         return _residual_forward(x, _contiguous(branch), factors, out)
     return _ResidualAdd.apply(x, branch, factors)
+
+
+def _transpose(src: int, dst: int, batch: int, rows: int, cols: int, src_stride: int, dst_stride: int) -> None:
+    """dst[b, j, i] = src[b, i, j] for the (rows, cols) matrix of each batch (addresses, float strides)."""
+    load().cvt_transpose_batched(src, dst, batch, rows, cols, src_stride, dst_stride)
+
+
+def _tokens_to_maps_forward(x: paddle.Tensor, lead: int):
+    batch, length, channels = (int(s) for s in x.shape)
+    maps = _empty([batch, channels, length - lead])
+    _transpose(_ptr(x) + lead * channels * FLOAT_BYTES, _ptr(maps), batch, length - lead, channels,
+               length * channels, channels * (length - lead))
+    if not lead:
+        return maps, None
+    leading = _empty([batch, channels, lead])
+    _transpose(_ptr(x), _ptr(leading), batch, lead, channels, length * channels, channels * lead)
+    return maps, leading
+
+
+class _TokensToMaps(PyLayer):
+    @staticmethod
+    def forward(ctx, x, lead: int):
+        x = _contiguous(x)
+        ctx.shape, ctx.lead = [int(s) for s in x.shape], lead
+        maps, leading = _tokens_to_maps_forward(x, lead)
+        return (maps, leading) if lead else maps
+
+    @staticmethod
+    def backward(ctx, dmaps, dleading=None):
+        batch, length, channels = ctx.shape
+        lead = ctx.lead
+        dx = _empty(ctx.shape)
+        _transpose(_ptr(_contiguous(dmaps)), _ptr(dx) + lead * channels * FLOAT_BYTES, batch, channels,
+                   length - lead, channels * (length - lead), length * channels)
+        if lead:
+            # an unused lead output may come back without a gradient
+            dleading = paddle.zeros([batch, channels, lead]) if dleading is None else _contiguous(dleading)
+            _transpose(_ptr(dleading), _ptr(dx), batch, channels, lead, channels * lead, length * channels)
+        return dx
+
+
+def tokens_to_maps(x: paddle.Tensor, height: int, width: int,
+                   lead: int = 0) -> Tuple[paddle.Tensor, Optional[paddle.Tensor]]:
+    """(B, lead + H*W, C) tokens -> (B, C, H, W) channels-first maps of the tokens after
+    the first `lead` (the cls token), and those `lead` tokens as (B, C, lead) columns
+    (None for lead 0): the split and the transpose in one threaded pass each way
+    (Paddle's transpose copy and the split's gradient are single-threaded)."""
+    if len(x.shape) != 3 or int(x.shape[1]) != lead + height * width:
+        raise ValueError(f'tokens_to_maps: tokens shaped {list(x.shape)} for {lead} lead tokens '
+                         f'and a {height}x{width} map; expected (B, {lead + height * width}, C)')
+    batch, channels = int(x.shape[0]), int(x.shape[2])
+    if not paddle.is_grad_enabled() or x.stop_gradient:
+        maps, leading = _tokens_to_maps_forward(_contiguous(x), lead)
+    elif lead:
+        maps, leading = _TokensToMaps.apply(x, lead)
+    else:
+        maps, leading = _TokensToMaps.apply(x, lead), None
+    return maps.reshape([batch, channels, height, width]), leading
+
+
+def fold_batch_norm(weight: paddle.Tensor, gamma: paddle.Tensor, beta: paddle.Tensor, mean: paddle.Tensor,
+                    variance: paddle.Tensor, epsilon: float) -> Tuple[paddle.Tensor, paddle.Tensor]:
+    """The (C_out, ...) `weight` and a bias of a convolution followed by a BatchNorm in
+    inference (running statistics), as one convolution: ``weight * f`` and
+    ``beta - mean * f`` with ``f = gamma / sqrt(variance + epsilon)`` per output
+    channel. No gradient."""
+    channels = int(weight.shape[0])
+    if any(list(t.shape) != [channels] for t in (gamma, beta, mean, variance)):
+        raise ValueError(f'fold_batch_norm: BatchNorm parameters shaped {[list(t.shape) for t in (gamma, beta, mean, variance)]} '
+                         f'for a weight of {channels} output channels')
+    folded_weight, folded_bias = _empty(weight.shape), _empty([channels])
+    load().cvt_fold_batch_norm(*(_ptr(_contiguous(t)) for t in (weight, gamma, beta, mean, variance)), epsilon,
+                               _ptr(folded_weight), _ptr(folded_bias), channels, int(weight.size) // channels)
+    return folded_weight, folded_bias
 
 
 class _BatchNorm(PyLayer):

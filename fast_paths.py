@@ -12,18 +12,19 @@ What they do differently, and why (measured figures in docs/speed.md):
 
 - q, k and v stay channels-first (B, C, L) after their convolutions: the GEMMs
   read them transposed, so no token/map transpose is copied.
-- The attention scale is folded into q's projection, QuickGELU's slope 1.702
-  into the MLP's weights (``x sigmoid(1.702 x) = silu(1.702 x) / 1.702``): one
-  SiLU pass instead of scale, sigmoid and multiply.
-- On the CPU, biases go into the GEMM (addmm) or, for fc1, into the SiLU
+- The attention scale is folded into q's projection; without the CPU kernels,
+  QuickGELU's slope 1.702 goes into the MLP's weights (``x sigmoid(1.702 x) =
+  silu(1.702 x) / 1.702``): one SiLU op instead of scale, sigmoid and multiply.
+- On the CPU, biases go into the GEMM (addmm) or, for fc1, into the QuickGELU
   pass; the token embeddings' convolutions are one GEMM over the batch's
   patches, giving tokens without a transpose; the threaded C kernels of
   cpu_kernels.py replace Paddle's single-threaded depthwise convolution,
-  softmax, LayerNorm, BatchNorm (training), SiLU, bias additions, residual
-  additions (with DropPath's per-sample factor) and bias gradients, each only
-  on the instruction sets where it measured faster (`cpu_kernels.use`). The
-  kernels that write q, k and v put the cls token's column before them (no
-  concatenation). In inference the kernels write into the temporaries they read.
+  softmax, LayerNorm, BatchNorm (training), QuickGELU, bias additions, residual
+  additions (with DropPath's per-sample factor), the token-to-map transpose
+  with the cls split, and bias gradients, each only on the instruction sets
+  where it measured faster (`cpu_kernels.use`). The kernels that write q, k
+  and v put the cls token's column before them (no concatenation). In
+  inference the kernels write into the temporaries they read.
 - Elsewhere (GPU): k's and v's depthwise convolutions run as one grouped
   convolution, and under float16/bfloat16 the attention is
   F.scaled_dot_product_attention (flash attention).
@@ -81,21 +82,19 @@ def layer_norm(norm: nn.LayerNorm, x: paddle.Tensor) -> paddle.Tensor:
 
 
 def mlp(layer: nn.Layer, x: paddle.Tensor) -> paddle.Tensor:
-    """fc1 -> QuickGELU -> dropout -> fc2 -> dropout with QuickGELU's slope folded
-    into the weights: fc1 scaled by 1.702 feeds one SiLU pass, fc2 takes the
-    1/1.702. Scaling the small weight matrices costs far less than passes over
-    the activations, and gradients flow through the scaling unchanged."""
+    """fc1 -> QuickGELU -> dropout -> fc2 -> dropout. On the CPU, fc1's bias and
+    QuickGELU are one threaded pass over the widest activation. Elsewhere
+    QuickGELU's slope is folded into the weights: fc1 scaled by 1.702 feeds one
+    SiLU op, fc2 takes the 1/1.702 (scaling the small weight matrices costs far
+    less than passes over the activations; gradients flow through it unchanged)."""
     fc1, fc2 = layer.fc1, layer.fc2
-    weight, bias = fc1.weight * QUICK_GELU_SLOPE, fc1.bias * QUICK_GELU_SLOPE
     if cpu_kernels.use('silu', x):
-        # fc1's bias goes into the SiLU pass (one pass over the widest activation, not two)
-        rows = paddle.matmul(x.reshape([-1, x.shape[-1]]), weight)
-        hidden = cpu_kernels.bias_silu(rows, bias, overwrite=True)
-        hidden = hidden.reshape(list(x.shape[:-1]) + [weight.shape[1]])
-    else:
-        hidden = F.silu(linear(x, weight, bias))
-    hidden = layer.drop(hidden)
-    return layer.drop(linear(hidden, fc2.weight * (1.0 / QUICK_GELU_SLOPE), fc2.bias))
+        rows = paddle.matmul(x.reshape([-1, x.shape[-1]]), fc1.weight)
+        hidden = cpu_kernels.bias_silu(rows, fc1.bias, QUICK_GELU_SLOPE, overwrite=True)
+        hidden = layer.drop(hidden.reshape(list(x.shape[:-1]) + [fc1.weight.shape[1]]))
+        return layer.drop(linear(hidden, fc2.weight, fc2.bias))
+    hidden = F.silu(linear(x, fc1.weight * QUICK_GELU_SLOPE, fc1.bias * QUICK_GELU_SLOPE))
+    return layer.drop(linear(layer.drop(hidden), fc2.weight * (1.0 / QUICK_GELU_SLOPE), fc2.bias))
 
 
 def conv_embed(layer: nn.Layer, x: paddle.Tensor) -> Tuple[paddle.Tensor, int, int]:
@@ -159,15 +158,11 @@ def attention(attn: nn.Layer, x: paddle.Tensor, h: int, w: int) -> paddle.Tensor
     q, k and v stay channels-first (B, C, L) from the convolutions on, and the
     GEMMs read them transposed; the scale is folded into q's projection.
     """
-    if attn.with_cls_token:
-        cls_token, tokens = paddle.split(x, [1, x.shape[1] - 1], axis=1)
+    lead = 1 if attn.with_cls_token else 0
+    if cpu_kernels.use('transpose', x):
+        x_map, cls_column = cpu_kernels.tokens_to_maps(x, h, w, lead)
     else:
-        cls_token, tokens = None, x
-    # (B, H*W, C) -> (B, C, H, W); the channel count from the shape, not -1: static
-    # graphs with a dynamic batch cannot infer it
-    x_map = tokens.transpose([0, 2, 1]).reshape([0, tokens.shape[2], h, w])
-    x_map = x_map.contiguous() if hasattr(x_map, 'contiguous') else x_map
-    cls_column = None if cls_token is None else cls_token.reshape([0, -1, 1])  # (B, 1, C) -> (B, C, 1)
+        x_map, cls_column = _tokens_to_maps(x, h, w, lead)
     q, k, v = _projected_maps(attn, x_map, cls_column)
     fused = attn.fused_attention
     if fused is None:
@@ -179,6 +174,16 @@ def attention(attn: nn.Layer, x: paddle.Tensor, h: int, w: int) -> paddle.Tensor
     else:
         out = _attend(attn, q, k, v)
     return attn.proj_drop(out)
+
+
+def _tokens_to_maps(x: paddle.Tensor, h: int, w: int, lead: int):
+    """(B, lead + H*W, C) -> (B, C, H, W) map and (B, C, 1) cls column (lead 1) or None
+    (lead 0), through Paddle's ops."""
+    cls_token, tokens = paddle.split(x, [1, x.shape[1] - 1], axis=1) if lead else (None, x)
+    # the channel count from the shape, not -1: static graphs with a dynamic batch cannot infer it
+    x_map = tokens.transpose([0, 2, 1]).reshape([0, tokens.shape[2], h, w])
+    x_map = x_map.contiguous() if hasattr(x_map, 'contiguous') else x_map
+    return x_map, (None if cls_token is None else cls_token.reshape([0, -1, 1]))  # (B, 1, C) -> (B, C, 1)
 
 
 def _projected_maps(attn: nn.Layer, x_map: paddle.Tensor, cls_column: Optional[paddle.Tensor]):
@@ -276,10 +281,10 @@ def _project_with_kernel(projection: Optional[nn.Layer], x_map, lead: Optional[p
         return _after(lead, projection(x_map).flatten(2))
     conv, norm = projection[0], projection[1]
     stride, padding = conv._stride[0], conv._updated_padding[0]
-    if not norm.training and not paddle.is_grad_enabled():
-        factor = norm.weight / paddle.sqrt(norm._variance + norm._epsilon)
-        return cpu_kernels.depthwise_conv2d(x_map, conv.weight * factor.reshape([-1, 1, 1, 1]),
-                                            norm.bias - norm._mean * factor, stride, padding, lead=lead).flatten(2)
+    if not norm.training and not paddle.is_grad_enabled() and norm.weight is not None and norm.bias is not None:
+        weight, bias = cpu_kernels.fold_batch_norm(conv.weight, norm.weight, norm.bias, norm._mean, norm._variance,
+                                                   norm._epsilon)
+        return cpu_kernels.depthwise_conv2d(x_map, weight, bias, stride, padding, lead=lead).flatten(2)
     maps = cpu_kernels.depthwise_conv2d(x_map, conv.weight, None, stride, padding)
     if norm.training and _batch_norm_fits(norm) and cpu_kernels.use('batch_norm', maps):
         return cpu_kernels.batch_norm(maps, norm.weight, norm.bias, norm._mean, norm._variance,

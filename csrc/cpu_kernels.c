@@ -1,8 +1,8 @@
 /* Multi-threaded float32 CPU kernels for the layers where Paddle's own CPU
  * kernels are single-threaded or slow: depthwise convolution, the patch
  * embeddings' im2col, softmax, LayerNorm, BatchNorm in training, SiLU with its
- * bias, bias additions, residual additions and bias gradients (sums over rows
- * or channels).
+ * bias, bias additions, residual additions, token/map transposes and bias
+ * gradients (sums over rows or channels).
  *
  * Plain C with OpenMP, compiled at first use by cpu_kernels.py once per
  * instruction set (gcc -O3 -march=x86-64-v4 or -march=x86-64-v3), called
@@ -520,6 +520,20 @@ void cvt_layer_norm_backward(const float *dy, const float *x, const float *gamma
     free(partial);
 }
 
+/* ---- BatchNorm folded into a convolution (inference) --------------------------------
+ * With f[c] = gamma[c] / sqrt(variance[c] + epsilon): folded_weight[c, :] =
+ * weight[c, :] * f[c] over the `taps` weights of output channel c, folded_bias[c] =
+ * beta[c] - mean[c] * f[c]. One call instead of six small tensor ops per projection. */
+void cvt_fold_batch_norm(const float *weight, const float *gamma, const float *beta, const float *mean,
+                         const float *variance, float epsilon, float *folded_weight, float *folded_bias,
+                         int64_t C, int64_t taps) {
+    for (int64_t c = 0; c < C; ++c) {
+        const float factor = gamma[c] / sqrtf(variance[c] + epsilon);
+        for (int64_t t = 0; t < taps; ++t) folded_weight[c * taps + t] = weight[c * taps + t] * factor;
+        folded_bias[c] = beta[c] - mean[c] * factor;
+    }
+}
+
 /* ---- BatchNorm in training ------------------------------------------------------
  * x (B, C, L): normalised per channel with the batch's mean and (biased)
  * variance, scaled and shifted; the running statistics move by `momentum` as
@@ -616,7 +630,7 @@ void cvt_batch_norm_backward(const float *dy, const float *x, const float *gamma
 /* SiLU of x plus a bias over rows, y = silu(x[r, c] + bias[c]): a Linear layer's
  * bias and its activation in one pass. y may be x (in place). */
 void cvt_bias_silu_forward(const float *x, const float *restrict bias, float *y,
-                           int64_t rows, int64_t cols) {
+                           int64_t rows, int64_t cols, float slope) {
     #pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols))
     for (int64_t r = 0; r < rows; ++r) {
         const float *xr = x + r * cols;
@@ -624,14 +638,16 @@ void cvt_bias_silu_forward(const float *x, const float *restrict bias, float *y,
         #pragma omp simd
         for (int64_t c = 0; c < cols; ++c) {
             const float z = xr[c] + bias[c];
-            yr[c] = z / (1.0f + exp_approx(-z));
+            yr[c] = z / (1.0f + exp_approx(-slope * z));
         }
     }
 }
 
-/* dz = dy * silu'(x + bias), the gradient of both x and (summed over rows) the bias */
+/* dz = dy * d/dz [z sigmoid(slope z)] at z = x + bias, the gradient of both x and
+ * (summed over rows) the bias */
 void cvt_bias_silu_backward(const float *restrict x, const float *restrict bias,
-                            const float *restrict dy, float *restrict dz, int64_t rows, int64_t cols) {
+                            const float *restrict dy, float *restrict dz, int64_t rows, int64_t cols,
+                            float slope) {
     #pragma omp parallel for schedule(static) num_threads(threads_for(rows * cols))
     for (int64_t r = 0; r < rows; ++r) {
         const float *restrict xr = x + r * cols;
@@ -640,8 +656,8 @@ void cvt_bias_silu_backward(const float *restrict x, const float *restrict bias,
         #pragma omp simd
         for (int64_t c = 0; c < cols; ++c) {
             const float z = xr[c] + bias[c];
-            const float s = 1.0f / (1.0f + exp_approx(-z));
-            dzr[c] = dyr[c] * s * (1.0f + z * (1.0f - s));
+            const float s = 1.0f / (1.0f + exp_approx(-slope * z));
+            dzr[c] = dyr[c] * s * (1.0f + slope * z * (1.0f - s));
         }
     }
 }
@@ -669,6 +685,35 @@ void cvt_add_bias(const float *x, const float *restrict bias, float *y,
         float *yr = y + plane * L;
         #pragma omp simd
         for (int64_t l = 0; l < L; ++l) yr[l] = xr[l] + value;
+    }
+}
+
+/* ---- token <-> map transposes -----------------------------------------------------
+ * dst[b, j, i] = src[b, i, j] for i < R, j < N: the (R, N) matrix of each of B
+ * batches, src rows N apart, dst rows R apart, batches src_stride and dst_stride
+ * apart. Tokens (B, L, C) -> channels-first maps (B, C, L - lead) reads src from
+ * the first token after the lead (cls) tokens with src_stride L * C; the
+ * gradient goes back the same way. Paddle's transpose copy is single-threaded.
+ * Tiles of TRANSPOSE_TILE^2 keep both sides in L1. */
+#define TRANSPOSE_TILE 32
+
+void cvt_transpose_batched(const float *restrict src, float *restrict dst, int64_t B, int64_t R, int64_t N,
+                           int64_t src_stride, int64_t dst_stride) {
+    const int64_t row_tiles = (R + TRANSPOSE_TILE - 1) / TRANSPOSE_TILE;
+    const int64_t col_tiles = (N + TRANSPOSE_TILE - 1) / TRANSPOSE_TILE;
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads_for(B * R * N))
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t tile = 0; tile < row_tiles * col_tiles; ++tile) {
+            const int64_t i0 = tile / col_tiles * TRANSPOSE_TILE, j0 = tile % col_tiles * TRANSPOSE_TILE;
+            const int64_t i1 = i0 + TRANSPOSE_TILE < R ? i0 + TRANSPOSE_TILE : R;
+            const int64_t j1 = j0 + TRANSPOSE_TILE < N ? j0 + TRANSPOSE_TILE : N;
+            const float *s = src + b * src_stride;
+            float *d = dst + b * dst_stride;
+            for (int64_t j = j0; j < j1; ++j) {
+                #pragma omp simd
+                for (int64_t i = i0; i < i1; ++i) d[j * R + i] = s[i * N + j];
+            }
+        }
     }
 }
 

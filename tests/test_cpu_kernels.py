@@ -91,6 +91,21 @@ def test_depthwise_conv2d_bias_is_inference_only():
 
 @needs_kernels
 @pytest.mark.usefixtures('kernel_build')
+def test_fold_batch_norm_matches_the_convolution_then_batch_norm():
+    x, weight = paddle.randn([2, 6, 9, 9]), paddle.randn([6, 1, 3, 3])
+    gamma, beta, mean = paddle.randn([6]), paddle.randn([6]), paddle.randn([6])
+    variance = paddle.rand([6]) + 0.5
+    folded_weight, folded_bias = cpu_kernels.fold_batch_norm(weight, gamma, beta, mean, variance, 1e-5)
+    want = F.batch_norm(F.conv2d(x, weight, padding=1, groups=6), mean, variance, gamma, beta,
+                        training=False, epsilon=1e-5)
+    assert_same(F.conv2d(x, folded_weight, folded_bias, padding=1, groups=6), want)
+    with pytest.raises(ValueError, match=r'BatchNorm parameters shaped \[\[6\], \[6\], \[5\], \[6\]\] '
+                                         r'for a weight of 6 output channels'):
+        cpu_kernels.fold_batch_norm(weight, gamma, beta, paddle.zeros([5]), variance, 1e-5)
+
+
+@needs_kernels
+@pytest.mark.usefixtures('kernel_build')
 def test_depthwise_conv2d_puts_a_lead_column_before_each_map():
     x, weight, bias, lead = paddle.randn([2, 4, 7, 7]), paddle.randn([4, 1, 3, 3]), paddle.randn([4]), paddle.randn([2, 4, 1])
     for stride in (1, 2):
@@ -221,6 +236,20 @@ def test_bias_silu_matches_paddle(shape):
 
 
 @needs_kernels
+@pytest.mark.usefixtures('kernel_build')
+def test_bias_silu_with_a_slope_is_quick_gelu():
+    """Slope 1.702: CvT's QuickGELU, z * sigmoid(1.702 z), and its gradients."""
+    x, bias = leaf(4, 300, scale=6.0), leaf(300, scale=2.0)
+    upstream = paddle.randn([4, 300])
+    quick_gelu = lambda t, b: (t + b) * F.sigmoid(1.702 * (t + b))
+    for got, want, name in zip(forward_and_grads(lambda t, b: cpu_kernels.bias_silu(t, b, 1.702), [x, bias], upstream),
+                               forward_and_grads(quick_gelu, [x, bias], upstream), ['y', 'dx', 'dbias']):
+        assert_same(got, want, name=name)
+    with paddle.no_grad():
+        assert_same(cpu_kernels.bias_silu(x.clone(), bias, 1.702, overwrite=True), quick_gelu(x, bias))
+
+
+@needs_kernels
 @pytest.mark.parametrize('shape', [(7, 5), (2, 5, 9)])
 @pytest.mark.usefixtures('kernel_build')
 def test_linear_and_bias_gradients_match_paddle(shape):
@@ -260,6 +289,46 @@ def test_residual_add_rejects_mismatched_shapes():
         cpu_kernels.residual_add(paddle.ones([2, 3]), paddle.ones([3, 2]))
     with pytest.raises(ValueError, match='per-sample scale of shape \\[3, 1\\] for a batch of 2'):
         cpu_kernels.residual_add(paddle.ones([2, 3]), paddle.ones([2, 3]), paddle.ones([3, 1]))
+
+
+@needs_kernels
+@pytest.mark.parametrize('batch, lead, height, width, channels',
+                         [(2, 1, 14, 14, 40), (3, 0, 9, 7, 33), (1, 3, 2, 5, 70), (2, 1, 1, 1, 1)])
+@pytest.mark.usefixtures('kernel_build')
+def test_tokens_to_maps_matches_split_and_transpose(batch, lead, height, width, channels):
+    """Tile edges (sizes not a multiple of 32), several lead tokens, and the gradient of both outputs."""
+    def reference(x):
+        leading, tokens = x[:, :lead], x[:, lead:]
+        return (tokens.transpose([0, 2, 1]).reshape([batch, channels, height, width]),
+                leading.transpose([0, 2, 1]) if lead else None)
+
+    x = leaf(batch, lead + height * width, channels)
+    got, want = cpu_kernels.tokens_to_maps(x, height, width, lead), reference(x)
+    assert_same(got[0], want[0], atol=0, rtol=0)
+    upstream = [paddle.randn(got[0].shape)]
+    if lead:
+        assert_same(got[1], want[1], atol=0, rtol=0)
+        upstream.append(paddle.randn(got[1].shape))
+    else:
+        assert got[1] is None
+    outputs = [t for t in got if t is not None]
+    reference_outputs = [t for t in want if t is not None]
+    assert_same(paddle.grad(outputs, [x], upstream)[0], paddle.grad(reference_outputs, [x], upstream)[0],
+                atol=0, rtol=0)
+    if lead:  # the lead tokens unused: their gradient is zero
+        maps, _ = cpu_kernels.tokens_to_maps(x, height, width, lead)
+        assert_same(paddle.grad([maps], [x], [upstream[0]])[0],
+                    paddle.grad([want[0]], [x], [upstream[0]])[0], atol=0, rtol=0)
+    with paddle.no_grad():
+        assert_same(cpu_kernels.tokens_to_maps(x, height, width, lead)[0], want[0], atol=0, rtol=0)
+
+
+@needs_kernels
+@pytest.mark.usefixtures('kernel_build')
+def test_tokens_to_maps_rejects_a_mismatched_map():
+    with pytest.raises(ValueError, match=r'tokens shaped \[2, 50, 8\] for 1 lead tokens and a 7x8 map; '
+                                         r'expected \(B, 57, C\)'):
+        cpu_kernels.tokens_to_maps(paddle.ones([2, 50, 8]), 7, 8, 1)
 
 
 @needs_kernels

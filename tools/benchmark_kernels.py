@@ -2,6 +2,7 @@
 
     python tools/benchmark_kernels.py                    # every build this CPU runs, all cores
     python tools/benchmark_kernels.py -builds avx2 -threads 1 -repeats 21
+    python tools/benchmark_kernels.py -kernels transpose softmax
 
 For every kernel in cpu_kernels.KERNELS it times the forward alone (inference)
 and forward + backward (training) of the kernel and of the Paddle op it
@@ -26,6 +27,7 @@ import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
 
 import cpu_kernels  # noqa: E402
+import fast_paths  # noqa: E402
 from utils import fail  # noqa: E402
 
 Op = Callable[..., paddle.Tensor]
@@ -92,6 +94,12 @@ def cases() -> List[Tuple[str, str, Op, Op, List[paddle.Tensor]]]:
         ('residual', 'x + drop_path(branch), 16x197x384',
          lambda x, y: x + y * drop_factors, lambda x, y: cpu_kernels.residual_add(x, y, drop_factors),
          [leaf([16, 197, 384]), leaf([16, 197, 384])]),
+        ('transpose', 'tokens -> maps, 16x3136x64',
+         lambda x: fast_paths._tokens_to_maps(x, 56, 56, 0)[0],
+         lambda x: cpu_kernels.tokens_to_maps(x, 56, 56, 0)[0], [leaf([16, 3136, 64])]),
+        ('transpose', 'cls split + tokens -> maps, 16x197x384',
+         lambda x: fast_paths._tokens_to_maps(x, 14, 14, 1)[0],
+         lambda x: cpu_kernels.tokens_to_maps(x, 14, 14, 1)[0], [leaf([16, 197, 384])]),
     ]
 
 
@@ -124,6 +132,8 @@ def main() -> None:
     parser.add_argument('-builds', nargs='+', choices=('avx512', 'avx2'), default=runnable)
     parser.add_argument('-threads', type=int, default=None, help='kernel threads (default: all usable cores)')
     parser.add_argument('-repeats', type=int, default=11, help='alternating timings per op (median)')
+    parser.add_argument('-kernels', nargs='+', choices=cpu_kernels.KERNELS, default=cpu_kernels.KERNELS,
+                        help='only these kernels (default: all)')
     args = parser.parse_args()
     if not args.builds:
         fail('this CPU runs no kernel build (neither AVX2 nor AVX-512)')
@@ -137,7 +147,7 @@ def main() -> None:
     print(f'{"build":<7} {"kernel":<15} {"shape":<26} {"paddle fwd":>10} {"ours fwd":>9} {"x":>5} '
           f'{"paddle f+b":>10} {"ours f+b":>9} {"x":>5}')
     paddle.seed(0)
-    table = cases()
+    table = [case for case in cases() if case[0] in args.kernels]
     for isa in args.builds:
         load_build(isa)
         cpu_kernels.load().cvt_set_threads(threads)
