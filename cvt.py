@@ -255,6 +255,8 @@ class ConvEmbed(nn.Layer):
 class VisionTransformer(nn.Layer):
     """One CvT stage: token embedding, optional cls token, then `depth` blocks."""
 
+    fast_path = True  # see set_fast_paths
+
     def __init__(self, in_chans: int, embed_dim: int, depth: int, num_heads: int,
                  patch_size: int, patch_stride: int, patch_padding: int,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
@@ -282,6 +284,8 @@ class VisionTransformer(nn.Layer):
         x = self.pos_drop(x)
         for block in self.blocks:
             x = block(x, h, w)
+        if self.fast_path:
+            return fast_paths.stage_output(self, x, h, w)
         cls_token = None
         if self.cls_token is not None:
             cls_token, x = split_cls_token(x)
@@ -429,7 +433,7 @@ def set_fast_paths(model: nn.Layer, enabled: bool = True, fused_attention: Optio
     take the plain layers' operators).
     """
     for layer in model.sublayers(include_self=True):
-        if isinstance(layer, (Attention, Mlp, LayerNorm, ConvEmbed, Block)):
+        if isinstance(layer, (Attention, Mlp, LayerNorm, ConvEmbed, Block, VisionTransformer)):
             layer.fast_path = enabled
         if isinstance(layer, Attention):
             layer.fused_attention = fused_attention

@@ -1,8 +1,9 @@
 """The speed paths of CvT's layers: the same functions as cvt.py's plain forwards, faster.
 
-cvt.py defines the layers as the paper and the official code write them. Five
-of them (Attention, Mlp, LayerNorm, ConvEmbed, Block) hand their forward to a function
-here when their ``fast_path`` flag is on (the default; `cvt.set_fast_paths`
+cvt.py defines the layers as the paper and the official code write them. Six
+of them (Attention, Mlp, LayerNorm, ConvEmbed, Block and the stage,
+VisionTransformer) hand their forward, or its end, to a function here when
+their ``fast_path`` flag is on (the default; `cvt.set_fast_paths`
 turns it off for a whole model). Each function takes the layer itself and reads
 its parameters, so the state dict is the plain layers'; each gives the plain
 forward's outputs (logits to 1e-4), gradients and BatchNorm statistics, which
@@ -138,6 +139,18 @@ def block(layer: nn.Layer, x: paddle.Tensor, h: int, w: int) -> paddle.Tensor:
     threaded pass on the CPU."""
     x = _residual(layer.drop_path, x, layer.attn(layer.norm1(x), h, w))
     return _residual(layer.drop_path, x, layer.mlp(layer.norm2(x)))
+
+
+def stage_output(stage: nn.Layer, x: paddle.Tensor, h: int, w: int):
+    """The end of `stage`'s forward (cvt.VisionTransformer): its (B, [1 +] H*W, C) tokens
+    as the (B, C, H, W) map and the (B, 1, C) cls token (or None), in one threaded pass
+    on the CPU."""
+    lead = 0 if stage.cls_token is None else 1
+    if cpu_kernels.use('transpose', x):
+        x_map, cls_column = cpu_kernels.tokens_to_maps(x, h, w, lead)
+    else:
+        x_map, cls_column = _tokens_to_maps(x, h, w, lead)
+    return x_map, (None if cls_column is None else cls_column.reshape([0, 1, -1]))  # (B, C, 1) -> (B, 1, C)
 
 
 def _residual(drop_path: nn.Layer, x: paddle.Tensor, branch: paddle.Tensor) -> paddle.Tensor:
