@@ -145,11 +145,7 @@ def stage_output(stage: nn.Layer, x: paddle.Tensor, h: int, w: int):
     """The end of `stage`'s forward (cvt.VisionTransformer): its (B, [1 +] H*W, C) tokens
     as the (B, C, H, W) map and the (B, 1, C) cls token (or None), in one threaded pass
     on the CPU."""
-    lead = 0 if stage.cls_token is None else 1
-    if cpu_kernels.use('transpose', x):
-        x_map, cls_column = cpu_kernels.tokens_to_maps(x, h, w, lead)
-    else:
-        x_map, cls_column = _tokens_to_maps(x, h, w, lead)
+    x_map, cls_column = _tokens_to_maps(x, h, w, 0 if stage.cls_token is None else 1)
     return x_map, (None if cls_column is None else cls_column.reshape([0, 1, -1]))  # (B, C, 1) -> (B, 1, C)
 
 
@@ -171,11 +167,7 @@ def attention(attn: nn.Layer, x: paddle.Tensor, h: int, w: int) -> paddle.Tensor
     q, k and v stay channels-first (B, C, L) from the convolutions on, and the
     GEMMs read them transposed; the scale is folded into q's projection.
     """
-    lead = 1 if attn.with_cls_token else 0
-    if cpu_kernels.use('transpose', x):
-        x_map, cls_column = cpu_kernels.tokens_to_maps(x, h, w, lead)
-    else:
-        x_map, cls_column = _tokens_to_maps(x, h, w, lead)
+    x_map, cls_column = _tokens_to_maps(x, h, w, 1 if attn.with_cls_token else 0)
     q, k, v = _projected_maps(attn, x_map, cls_column)
     fused = attn.fused_attention
     if fused is None:
@@ -191,7 +183,14 @@ def attention(attn: nn.Layer, x: paddle.Tensor, h: int, w: int) -> paddle.Tensor
 
 def _tokens_to_maps(x: paddle.Tensor, h: int, w: int, lead: int):
     """(B, lead + H*W, C) -> (B, C, H, W) map and (B, C, 1) cls column (lead 1) or None
-    (lead 0), through Paddle's ops."""
+    (lead 0): one threaded pass on the CPU."""
+    if cpu_kernels.use('transpose', x):
+        return cpu_kernels.tokens_to_maps(x, h, w, lead)
+    return _tokens_to_maps_with_paddle(x, h, w, lead)
+
+
+def _tokens_to_maps_with_paddle(x: paddle.Tensor, h: int, w: int, lead: int):
+    """`_tokens_to_maps` through Paddle's ops."""
     cls_token, tokens = paddle.split(x, [1, x.shape[1] - 1], axis=1) if lead else (None, x)
     # the channel count from the shape, not -1: static graphs with a dynamic batch cannot infer it
     x_map = tokens.transpose([0, 2, 1]).reshape([0, tokens.shape[2], h, w])
