@@ -146,7 +146,8 @@ def stage_output(stage: nn.Layer, x: paddle.Tensor, h: int, w: int):
     as the (B, C, H, W) map and the (B, 1, C) cls token (or None), in one threaded pass
     on the CPU."""
     x_map, cls_column = _tokens_to_maps(x, h, w, 0 if stage.cls_token is None else 1)
-    return x_map, (None if cls_column is None else cls_column.reshape([0, 1, -1]))  # (B, C, 1) -> (B, 1, C)
+    # (B, C, 1) -> (B, 1, C); the channel count from the shape: static graphs (export) cannot infer it
+    return x_map, (None if cls_column is None else cls_column.reshape([0, 1, x.shape[2]]))
 
 
 def _residual(drop_path: nn.Layer, x: paddle.Tensor, branch: paddle.Tensor) -> paddle.Tensor:
@@ -195,7 +196,7 @@ def _tokens_to_maps_with_paddle(x: paddle.Tensor, h: int, w: int, lead: int):
     # the channel count from the shape, not -1: static graphs with a dynamic batch cannot infer it
     x_map = tokens.transpose([0, 2, 1]).reshape([0, tokens.shape[2], h, w])
     x_map = x_map.contiguous() if hasattr(x_map, 'contiguous') else x_map
-    return x_map, (None if cls_token is None else cls_token.reshape([0, -1, 1]))  # (B, 1, C) -> (B, C, 1)
+    return x_map, (None if cls_token is None else cls_token.reshape([0, x.shape[2], 1]))  # (B, 1, C) -> (B, C, 1)
 
 
 def _projected_maps(attn: nn.Layer, x_map: paddle.Tensor, cls_column: Optional[paddle.Tensor]):
