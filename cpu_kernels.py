@@ -63,12 +63,16 @@ FASTER_THAN_PADDLE = {
     'avx512': frozenset(KERNELS),
     'avx2': frozenset(KERNELS),
 }
+# Faster only with more than one thread: on one, Paddle's strided copy keeps up with the
+# token/map transpose on stage 1's shape (0.78-0.93x forward + backward; docs/speed.md)
+NEEDS_THREADS = frozenset({'transpose'})
 
 FLOAT_BYTES = 4  # the kernels take float32 only
 
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
 _isa: Optional[str] = None  # the build loaded
+_threads = 1  # the kernels' thread count, set at load
 _load_attempted = False
 
 
@@ -175,7 +179,7 @@ def _declare(library: ctypes.CDLL) -> None:
 
 def load() -> Optional[ctypes.CDLL]:
     """The compiled kernels, building them on first use; None where they cannot be had."""
-    global _library, _isa, _load_attempted
+    global _library, _isa, _threads, _load_attempted
     if _load_attempted:
         return _library
     with _lock:
@@ -209,8 +213,9 @@ def load() -> Optional[ctypes.CDLL]:
             warnings.warn(f'cpu_kernels: could not build {_SOURCE} ({detail.strip()[:300]}); '
                           'using Paddle\'s slower CPU ops')
             return None
-        library.cvt_set_threads(int(os.environ.get('MKL_NUM_THREADS', usable_cores())))
-        _library, _isa = library, isa
+        threads = int(os.environ.get('MKL_NUM_THREADS', usable_cores()))
+        library.cvt_set_threads(threads)
+        _library, _isa, _threads = library, isa, threads
     return _library
 
 
@@ -230,8 +235,9 @@ def active(x: paddle.Tensor) -> bool:
 
 def use(kernel: str, x: paddle.Tensor) -> bool:
     """Whether the fast paths take `kernel` (one of KERNELS) for `x`: it can run
-    there and measured faster than Paddle's op on the loaded build."""
-    return active(x) and kernel in FASTER_THAN_PADDLE[_isa]
+    there and measured faster than Paddle's op on the loaded build (and thread count)."""
+    return (active(x) and kernel in FASTER_THAN_PADDLE[_isa]
+            and (kernel not in NEEDS_THREADS or _threads > 1))
 
 
 def _contiguous(x: paddle.Tensor) -> paddle.Tensor:

@@ -499,8 +499,13 @@ def test_build_follows_the_cpu_and_the_override(monkeypatch):
 def test_each_kernel_only_where_it_measured_faster(monkeypatch):
     x = paddle.ones([2])
     build = cpu_kernels.active_build()
-    for kernel in cpu_kernels.KERNELS:
-        assert cpu_kernels.use(kernel, x) == (kernel in cpu_kernels.FASTER_THAN_PADDLE[build])
+    for threads in (2, 1):
+        monkeypatch.setattr(cpu_kernels, '_threads', threads)
+        for kernel in cpu_kernels.KERNELS:
+            wins = kernel in cpu_kernels.FASTER_THAN_PADDLE[build] and (
+                threads > 1 or kernel not in cpu_kernels.NEEDS_THREADS)
+            assert cpu_kernels.use(kernel, x) == wins, (kernel, threads)
+    assert not cpu_kernels.use('transpose', x) and cpu_kernels.use('softmax', x)  # one thread
     monkeypatch.setitem(cpu_kernels.FASTER_THAN_PADDLE, build, frozenset({'softmax'}))
     assert cpu_kernels.use('softmax', x) and not cpu_kernels.use('silu', x)
     assert not cpu_kernels.use('softmax', paddle.ones([2], dtype='float64'))
