@@ -246,6 +246,8 @@ def _contiguous(x: paddle.Tensor) -> paddle.Tensor:
 
 
 def _ptr(x: Optional[paddle.Tensor]) -> Optional[int]:
+    # the caller keeps `x` referenced until the kernel returns: a temporary (such as a
+    # contiguous copy) made inside the call's arguments would be freed before it runs
     return None if x is None else x.data_ptr()
 
 
@@ -337,7 +339,8 @@ class _Im2Col(PyLayer):
     def backward(ctx, dcols):
         batch, channels, height, width = ctx.geometry[:4]
         dx = _empty([batch, channels, height, width])
-        load().cvt_col2im(_ptr(_contiguous(dcols)), _ptr(dx), *ctx.geometry)
+        dcols = _contiguous(dcols)
+        load().cvt_col2im(_ptr(dcols), _ptr(dx), *ctx.geometry)
         return dx
 
 
@@ -432,7 +435,8 @@ def layer_norm(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor, eps
         x = _contiguous(x)
         cols = int(x.shape[-1])
         y = _empty(x.shape)
-        load().cvt_layer_norm_forward(_ptr(x), _ptr(_contiguous(weight)), _ptr(_contiguous(bias)), _ptr(y),
+        weight, bias = _contiguous(weight), _contiguous(bias)
+        load().cvt_layer_norm_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y),
                                       None, None, int(x.size) // cols, cols, epsilon)
         return y
     return _LayerNorm.apply(x, weight, bias, epsilon)
@@ -461,7 +465,8 @@ class _BiasSiLU(PyLayer):
         x, bias = ctx.saved_tensor()
         dz = _empty(x.shape)
         cols = int(x.shape[-1])
-        load().cvt_bias_silu_backward(_ptr(x), _ptr(bias), _ptr(_contiguous(dy)), _ptr(dz),
+        dy = _contiguous(dy)
+        load().cvt_bias_silu_backward(_ptr(x), _ptr(bias), _ptr(dy), _ptr(dz),
                                       int(x.size) // cols, cols, ctx.slope)
         return _only_needed(ctx.needs_grad, dz, channel_sum(dz, -1) if ctx.needs_grad[1] else None)
 
@@ -473,7 +478,8 @@ def bias_silu(x: paddle.Tensor, bias: paddle.Tensor, slope: float = 1.0, overwri
     _check_bias(x, bias, len(x.shape) - 1)
     if _reusable(x, overwrite) and (not paddle.is_grad_enabled() or bias.stop_gradient):
         cols = int(x.shape[-1])
-        load().cvt_bias_silu_forward(_ptr(x), _ptr(_contiguous(bias)), _ptr(x), int(x.size) // cols, cols, slope)
+        bias = _contiguous(bias)
+        load().cvt_bias_silu_forward(_ptr(x), _ptr(bias), _ptr(x), int(x.size) // cols, cols, slope)
         return x
     return _BiasSiLU.apply(x, bias, slope)
 
@@ -525,7 +531,8 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> padd
 def _add_bias_forward(x: paddle.Tensor, bias: paddle.Tensor, axis: int, overwrite: bool = False) -> paddle.Tensor:
     x = _contiguous(x)
     y = x if overwrite else _empty(x.shape)
-    load().cvt_add_bias(_ptr(x), _ptr(_contiguous(bias)), _ptr(y), *_around_axis(x.shape, axis))
+    bias = _contiguous(bias)
+    load().cvt_add_bias(_ptr(x), _ptr(bias), _ptr(y), *_around_axis(x.shape, axis))
     return y
 
 
@@ -633,7 +640,8 @@ class _TokensToMaps(PyLayer):
         batch, length, channels = ctx.shape
         lead = ctx.lead
         dx = _empty(ctx.shape)
-        _transpose(_ptr(_contiguous(dmaps)), _ptr(dx) + lead * channels * FLOAT_BYTES, batch, channels,
+        dmaps = _contiguous(dmaps)
+        _transpose(_ptr(dmaps), _ptr(dx) + lead * channels * FLOAT_BYTES, batch, channels,
                    length - lead, channels * (length - lead), length * channels)
         if lead:
             # an unused lead output may come back without a gradient
@@ -672,7 +680,8 @@ def fold_batch_norm(weight: paddle.Tensor, gamma: paddle.Tensor, beta: paddle.Te
         raise ValueError(f'fold_batch_norm: BatchNorm parameters shaped {[list(t.shape) for t in (gamma, beta, mean, variance)]} '
                          f'for a weight of {channels} output channels')
     folded_weight, folded_bias = _empty(weight.shape), _empty([channels])
-    load().cvt_fold_batch_norm(*(_ptr(_contiguous(t)) for t in (weight, gamma, beta, mean, variance)), epsilon,
+    inputs = [_contiguous(t) for t in (weight, gamma, beta, mean, variance)]  # alive through the call
+    load().cvt_fold_batch_norm(*(_ptr(t) for t in inputs), epsilon,
                                _ptr(folded_weight), _ptr(folded_bias), channels, int(weight.size) // channels)
     return folded_weight, folded_bias
 
@@ -699,7 +708,8 @@ class _BatchNorm(PyLayer):
         batch, channels = int(x.shape[0]), int(x.shape[1])
         dx, dweight, dbias = _empty(x.shape), _empty([channels]), _empty([channels])
         dlead = _empty([batch, channels, 1]) if ctx.with_lead else None
-        load().cvt_batch_norm_backward(_ptr(_contiguous(dy)), _ptr(x), _ptr(weight), _ptr(mean), _ptr(rstd),
+        dy = _contiguous(dy)
+        load().cvt_batch_norm_backward(_ptr(dy), _ptr(x), _ptr(weight), _ptr(mean), _ptr(rstd),
                                        _ptr(dx), _ptr(dweight), _ptr(dbias), _ptr(dlead),
                                        batch, channels, int(x.size) // (batch * channels))
         grads = (dx, dweight, dbias) + ((dlead,) if ctx.with_lead else ())
