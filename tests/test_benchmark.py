@@ -1,5 +1,7 @@
-"""tools/benchmark.py reports the machine it measured on and takes -threads (no timings checked)."""
+"""tools/benchmark.py reports the machine it measured on, takes -threads and times the deployed
+model in the runtime tools/infer.py picks (no timings checked)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -7,6 +9,7 @@ import sys
 import pytest
 
 import cpu_kernels
+from test_export_onnx import needs_converter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,3 +43,12 @@ def test_too_many_threads_is_one_line_error():
     result = benchmark('-threads', '999')
     assert result.returncode == 2
     assert result.stderr.strip() == f'error: -threads 999: this process may use 1 to {len(os.sched_getaffinity(0))} cores'
+
+
+@needs_converter
+def test_deploy_mode_runs_the_runtime_infer_picks_for_a_onnx_file():
+    result = benchmark('-mode', 'deploy', '-threads', '1')
+    assert result.returncode == 0, result.stderr
+    expected = 'openvino' if importlib.util.find_spec('openvino') else 'onnxruntime'
+    assert f'deploy: {expected} ' in result.stdout and ', 1 threads' in result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith('throughput: ')

@@ -1,6 +1,7 @@
-"""tools/export_onnx.py + tools/infer.py -backend onnxruntime: the ONNX model computes
-the Paddle model's logits at any batch size, and infer prints what predict prints."""
+"""tools/export_onnx.py + tools/infer.py on OpenVINO and ONNX Runtime: the ONNX model
+computes the Paddle model's logits at any batch size, and infer prints what predict prints."""
 
+import importlib.util
 import os
 import sys
 
@@ -23,7 +24,19 @@ def converter_missing() -> str:
     return ''
 
 
+def openvino_missing() -> str:
+    """Why the exported model cannot run in OpenVINO here, or ''."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError as err:
+        return f'openvino needed: {err}'
+    return converter_missing()
+
+
 needs_converter = pytest.mark.skipif(bool(converter_missing()), reason=converter_missing() or 'installed')
+needs_openvino = pytest.mark.skipif(bool(openvino_missing()), reason=openvino_missing() or 'installed')
+# tools/infer.py's runtimes of a .onnx file
+ONNX_BACKENDS = [pytest.param('onnxruntime', marks=needs_converter), pytest.param('openvino', marks=needs_openvino)]
 
 
 @pytest.fixture(scope='module')
@@ -36,11 +49,11 @@ def onnx_model(tmp_path_factory):
     return output, model, cfg, weights
 
 
-@needs_converter
+@pytest.mark.parametrize('backend', ONNX_BACKENDS)
 @pytest.mark.parametrize('batch', [1, 8])
-def test_onnx_logits_equal_the_paddle_model(onnx_model, batch):
+def test_onnx_logits_equal_the_paddle_model(onnx_model, backend, batch):
     path, model, _, _ = onnx_model
-    preprocess, logits_of = infer.create_runner(path, 'onnxruntime')
+    preprocess, logits_of = infer.create_runner(path, backend)
     images = np.random.default_rng(batch).standard_normal((batch, 3, 64, 64)).astype('float32')
 
     logits = logits_of(images)
@@ -60,14 +73,14 @@ def test_onnx_model_has_a_named_dynamic_batch_axis(onnx_model):
     assert not os.path.exists(path + '.partial')
 
 
-@needs_converter
-def test_infer_onnxruntime_prints_the_same_top_k_as_predict(onnx_model, tmp_path, capsys):
+@pytest.mark.parametrize('backend', ONNX_BACKENDS)
+def test_infer_prints_the_same_top_k_as_predict(onnx_model, tmp_path, capsys, backend):
     path, _, cfg, weights = onnx_model
     paths = write_images(str(tmp_path / 'images'), 3)
 
     assert predict.main(['-cfg', cfg, '-pretrained', weights, str(tmp_path / 'images'), '-topk', '4']) == 0
     from_predict = parse_top_k(capsys.readouterr().out)
-    assert infer.main(['-model', path, '-backend', 'onnxruntime', str(tmp_path / 'images'), '-topk', '4',
+    assert infer.main(['-model', path, '-backend', backend, str(tmp_path / 'images'), '-topk', '4',
                        '-batch_size', '2']) == 0
     from_infer = parse_top_k(capsys.readouterr().out)
 
@@ -113,10 +126,45 @@ def test_bad_input_exits_2_with_one_line_naming_it(tmp_path, capsys, change, mes
     assert err.count('\n') == 1 and message in err
 
 
-def test_infer_onnxruntime_without_the_file_exits_2(tmp_path, capsys):
+@pytest.mark.parametrize('backend', ['onnxruntime', 'openvino'])
+def test_infer_without_the_file_exits_2(tmp_path, capsys, backend):
     image = write_images(str(tmp_path), 1)[0]
     with pytest.raises(SystemExit) as exit_info:
-        infer.main(['-model', str(tmp_path / 'none.onnx'), '-backend', 'onnxruntime', image])
+        infer.main(['-model', str(tmp_path / 'none.onnx'), '-backend', backend, image])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.count('\n') == 1 and 'none.onnx: no such file' in err
+
+
+@pytest.mark.parametrize('backend, runtime_name', [pytest.param('onnxruntime', 'ONNX Runtime', marks=needs_converter),
+                                                   pytest.param('openvino', 'OpenVINO', marks=needs_openvino)])
+def test_infer_of_a_file_that_is_not_onnx_exits_2_naming_it(tmp_path, capsys, backend, runtime_name):
+    image = write_images(str(tmp_path), 1)[0]
+    broken = tmp_path / 'broken.onnx'
+    broken.write_bytes(b'not a model')
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main(['-model', str(broken), '-backend', backend, image])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count('\n') == 1 and f'broken.onnx: {runtime_name} cannot load it' in err
+
+
+def test_a_onnx_file_runs_in_openvino_where_installed_else_onnx_runtime(tmp_path, monkeypatch):
+    model = tmp_path / 'model.onnx'
+    model.write_bytes(b'')
+    installed = importlib.util.find_spec('openvino') is not None
+    assert infer.backend_of(str(model)) == ('openvino' if installed else 'onnxruntime')
+    assert infer.backend_of(str(tmp_path)) == 'paddle'  # an export folder
+    monkeypatch.setitem(sys.modules, 'openvino', None)  # import fails as when not installed
+    assert infer.backend_of(str(model)) == 'onnxruntime'
+
+
+@needs_converter
+def test_infer_with_openvino_not_installed_exits_2_with_the_install_hint(onnx_model, tmp_path, monkeypatch, capsys):
+    image = write_images(str(tmp_path), 1)[0]
+    monkeypatch.setitem(sys.modules, 'openvino', None)
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main(['-model', onnx_model[0], '-backend', 'openvino', image])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count('\n') == 1 and 'OpenVINO is not installed' in err and 'requirements-deploy.txt' in err

@@ -13,7 +13,7 @@ from PIL import Image
 
 from config import get_config
 from cvt import build_cvt
-from test_export_onnx import needs_converter
+from test_export_onnx import ONNX_BACKENDS
 from test_predict import expected_top_k, parse_top_k, write_images, write_tiny_model
 from tools import export_model, export_onnx, infer, predict
 from tools import visualize_attention as va
@@ -63,7 +63,7 @@ def test_predict_without_the_overrides_names_the_head_that_does_not_fit(finetune
     assert err.count('\n') == 1 and 'does not fit MODEL.NUM_CLASSES = 10' in err
 
 
-@pytest.mark.parametrize('backend', ['paddle', pytest.param('onnxruntime', marks=needs_converter)])
+@pytest.mark.parametrize('backend', ['paddle', *ONNX_BACKENDS])
 def test_infer_reads_classes_and_size_from_the_export(finetuned, tmp_path, capsys, backend):
     cfg, weights, model, config, images = finetuned
     if backend == 'paddle':
@@ -77,8 +77,8 @@ def test_infer_reads_classes_and_size_from_the_export(finetuned, tmp_path, capsy
         assert export_onnx.main(['-cfg', cfg, '-pretrained', weights, '-output', exported, *OVERRIDES]) == 0
     capsys.readouterr()
 
-    assert infer.main(['-model', exported, *images, '-topk', str(CLASSES), '-device', 'cpu']
-                      if backend == 'paddle' else ['-model', exported, *images, '-topk', str(CLASSES)]) == 0
+    assert infer.main(['-model', exported, *images, '-topk', str(CLASSES), '-backend', backend]
+                      + (['-device', 'cpu'] if backend == 'paddle' else [])) == 0
     check_printed(parse_top_k(capsys.readouterr().out), expected_top_k(model, config, images, CLASSES))
 
     with pytest.raises(SystemExit) as exit_info:
@@ -87,8 +87,8 @@ def test_infer_reads_classes_and_size_from_the_export(finetuned, tmp_path, capsy
     assert f'-topk {CLASSES + 1} must be between 1 and the number of classes, {CLASSES}' in capsys.readouterr().err
 
 
-@needs_converter
-def test_infer_reads_classes_and_size_from_an_onnx_graph_without_metadata(finetuned, tmp_path, capsys):
+@pytest.mark.parametrize('backend', ONNX_BACKENDS)
+def test_infer_reads_classes_and_size_from_an_onnx_graph_without_metadata(finetuned, tmp_path, capsys, backend):
     import onnx
     cfg, weights, model, config, images = finetuned
     exported = str(tmp_path / 'model.onnx')
@@ -101,7 +101,8 @@ def test_infer_reads_classes_and_size_from_an_onnx_graph_without_metadata(finetu
     onnx.save(graph, exported)
     capsys.readouterr()
 
-    assert infer.main(['-model', exported, *images, '-topk', '3']) == 0  # batches of 3 run one by one
+    # batches of 3 run one by one
+    assert infer.main(['-model', exported, *images, '-topk', '3', '-backend', backend]) == 0
     out, err = capsys.readouterr()
     check_printed(parse_top_k(out), expected_top_k(model, config, images, 3))  # the default preprocessing
     assert f'{SIZE}px input and {CLASSES} classes from the graph' in err

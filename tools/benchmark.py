@@ -13,7 +13,8 @@ It builds the model from the config, warms up, then times the real code paths:
 loss on Mixup-style soft targets, backward, AdamW update) with the engine's
 optimizer, LR schedule and loss scaler; ``deploy`` is what tools/infer.py runs
 by default on CPU: the model exported (in the set-up, not timed) for
-``-backend`` (default infer.DEFAULT_BACKEND; see docs/deploy.md) and run with
+``-backend`` (default: infer.onnx_backend(), OpenVINO where installed; see
+docs/deploy.md) and run with
 infer.py's runtime settings, numpy images in, logits out.
 It runs under the same runtime set-up as the training and evaluation scripts
 (``runtime.configure()`` before Paddle); ``-threads N`` runs on N of the
@@ -25,6 +26,7 @@ same for transformers' CvT.
 
 import argparse
 import atexit
+import importlib.metadata
 import os
 import shutil
 import sys
@@ -46,7 +48,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument('-batch_size', type=int, default=16)
     parser.add_argument('-image_size', type=int, default=None)
     parser.add_argument('-mode', choices=('infer', 'train', 'deploy'), default='infer')
-    parser.add_argument('-backend', choices=('paddle', 'onnxruntime'), default=None,
+    parser.add_argument('-backend', choices=('paddle', 'openvino', 'onnxruntime'), default=None,
                         help='-mode deploy: the runtime (default: the one tools/infer.py recommends)')
     parser.add_argument('-amp', action='store_true', help='float16 autocast (GPU)')
     parser.add_argument('-threads', type=int, default=None,
@@ -96,10 +98,10 @@ def deploy_step(model: paddle.nn.Layer, config, images, backend: Optional[str]) 
     """One tools/infer.py batch on `images` (numpy) with `model` exported for
     `backend` (default: infer.py's recommended one) into a temporary folder."""
     from tools import export_model, export_onnx, infer
-    backend = backend or infer.DEFAULT_BACKEND
+    backend = backend or infer.onnx_backend()
     folder = tempfile.mkdtemp(prefix='cvt-deploy-')
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    if backend == 'onnxruntime':
+    if backend in infer.ONNX_BACKENDS:
         path = os.path.join(folder, 'model.onnx')
         set_fast_paths(model, False)  # as tools/export_onnx.py exports it
         export_onnx.convert(model, config, path, export_onnx.DEFAULT_OPSET)
@@ -107,7 +109,8 @@ def deploy_step(model: paddle.nn.Layer, config, images, backend: Optional[str]) 
         path = folder
         export_model.export(model, config, path)
     _, logits_of = infer.create_runner(path, backend, device='cpu')
-    print(f'deploy: {backend}, {infer.default_threads()} threads')
+    version = paddle.__version__ if backend == 'paddle' else importlib.metadata.version(backend)
+    print(f'deploy: {backend} {version}, {infer.default_threads()} threads')
     return lambda: logits_of(images)
 
 

@@ -3,7 +3,8 @@
     python tools/benchmark_compare.py                         # CvT-13, infer and train, 1 thread and all cores
     python tools/benchmark_compare.py -model 21 -rounds 5
     python tools/benchmark_compare.py -isa avx2               # both sides as on an AVX2-only CPU
-    python tools/benchmark_compare.py -modes deploy           # exported: ONNX Runtime on both sides
+    python tools/benchmark_compare.py -modes deploy           # exported: ours as tools/infer.py runs it,
+                                                              # theirs in ONNX Runtime (-deploy_reference)
 
 Runs tools/benchmark.py and tools/benchmark_torch.py alternately, each in its
 own process (so neither inherits the other's threads or allocator), for
@@ -12,8 +13,10 @@ throughput of each side, their ratio, and each side's gain from 1 thread to
 all cores (work that does not spread over cores shows there, even on 2).
 Alternating spreads the machine's drift (other load, clock changes) over both
 sides. Mode ``deploy`` compares tools/benchmark.py -mode deploy (what
-tools/infer.py runs by default) with transformers' CvT exported to ONNX and run
-by ONNX Runtime (benchmark_torch.py -mode onnx; needs requirements-deploy.txt).
+tools/infer.py runs by default: OpenVINO where installed) with transformers'
+CvT exported to ONNX and run by ONNX Runtime (benchmark_torch.py -mode onnx),
+or by OpenVINO with ``-deploy_reference openvino``; it needs
+requirements-deploy.txt.
 PyTorch and transformers must be installed (they are in requirements-test.txt,
 not in the project's requirements).
 
@@ -75,6 +78,8 @@ def main() -> None:
                         help='thread counts to run (default: 1 and all usable cores)')
     parser.add_argument('-isa', choices=sorted(EMULATION), default='native',
                         help='avx2: emulate an AVX2-only CPU on both sides (see above)')
+    parser.add_argument('-deploy_reference', choices=('onnx', 'openvino'), default='onnx',
+                        help="-modes deploy: the runtime of transformers' CvT (onnx: ONNX Runtime)")
     parser.add_argument('-rounds', type=int, default=3)
     parser.add_argument('-warmup', type=int, default=3, help='untimed steps per process')
     parser.add_argument('-iters', type=int, default=10, help='timed steps per process (median)')
@@ -91,6 +96,7 @@ def main() -> None:
         sys.exit(f'error: -threads {args.threads}: this process may use 1 to {cores} cores')
 
     cfg, depth = MODELS[args.model]
+    torch_modes = {**TORCH_MODES, 'deploy': args.deploy_reference}
     paddle_env, torch_env = EMULATION[args.isa]
     steps = ['-warmup', str(args.warmup), '-iters', str(args.iters), '-batch_size', str(args.batch_size)]
     rates: Dict[tuple, List[float]] = {}
@@ -100,13 +106,16 @@ def main() -> None:
                 ours = [sys.executable, os.path.join(TOOLS, 'benchmark.py'), '-cfg', cfg, *steps,
                         '-mode', mode, '-threads', str(threads)]
                 theirs = [sys.executable, os.path.join(TOOLS, 'benchmark_torch.py'), '-depth', *depth,
-                          *steps, '-mode', TORCH_MODES[mode], '-threads', str(threads)]
+                          *steps, '-mode', torch_modes[mode], '-threads', str(threads)]
                 rates.setdefault(('paddle', mode, threads), []).append(throughput(ours, paddle_env))
                 rates.setdefault(('torch', mode, threads), []).append(throughput(theirs, torch_env))
 
     emulated = ' emulated (' + ', '.join(f'{k}={v}' for k, v in sorted({**paddle_env, **torch_env}.items())) + ')'
     print(f'CvT-{args.model}, batch {args.batch_size}, 224px, fp32, ISA {args.isa}'
           f'{emulated if paddle_env else ""}, median of {args.rounds} alternating rounds, img/s')
+    if 'deploy' in args.modes:
+        print(f"deploy: ours as tools/infer.py runs it, transformers' CvT in "
+              f"{'ONNX Runtime' if args.deploy_reference == 'onnx' else 'OpenVINO'}")
     print(f'{"mode":<6} {"threads":>7} {"paddle":>8} {"torch":>8} {"ratio":>6}')
     for mode in args.modes:
         for threads in thread_counts:

@@ -9,6 +9,7 @@ so the two can be run back to back:
     python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode infer
     python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode train -threads 1
     python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode onnx
+    python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode openvino
 
 PyTorch keeps its own default threading (one intra-op thread per core) and the
 project's runtime set-up is not used, so this measures PyTorch as users get it;
@@ -19,7 +20,10 @@ run PyTorch's AVX2 code on an AVX-512 CPU (tools/benchmark_compare.py -isa avx2)
 batch; in the set-up, not timed) and run by ONNX Runtime on the CPU with the
 settings of ``tools/infer.py -backend onnxruntime``: one intra-op thread per
 usable core, all graph optimisations, no spinning; the counterpart of
-``tools/benchmark.py -mode deploy``.
+``tools/benchmark.py -mode deploy -backend onnxruntime``. ``openvino`` runs that
+export in OpenVINO with the settings of ``tools/infer.py -backend openvino``
+(float32, one stream, one thread per usable core); the counterpart of
+``tools/benchmark.py -mode deploy`` where OpenVINO is installed.
 """
 
 import argparse
@@ -41,10 +45,8 @@ def build_model(depth: List[int], num_classes: int) -> CvtForImageClassification
     return CvtForImageClassification(config)
 
 
-def onnx_step(model: CvtForImageClassification, images: torch.Tensor) -> Callable[[], None]:
-    """One ONNX Runtime run of `model` exported to ONNX, on `images`."""
-    import onnxruntime
-
+def onnx_step(model: CvtForImageClassification, images: torch.Tensor, runtime: str) -> Callable[[], None]:
+    """One run of `model` exported to ONNX, on `images`, in `runtime` (onnx: ONNX Runtime; openvino)."""
     class Logits(torch.nn.Module):  # the logits tensor alone, not the model's output dataclass
         def __init__(self, classifier):
             super().__init__()
@@ -60,8 +62,18 @@ def onnx_step(model: CvtForImageClassification, images: torch.Tensor) -> Callabl
     # the TorchScript-based exporter: the dynamo one needs onnxscript, which nothing else here does
     torch.onnx.export(Logits(model), (images[:1],), path, input_names=['pixel_values'], output_names=['logits'],
                       dynamic_axes={'pixel_values': batch, 'logits': batch}, opset_version=17, dynamo=False)
+    threads = len(os.sched_getaffinity(0))
+    if runtime == 'openvino':
+        import openvino
+        compiled = openvino.Core().compile_model(path, 'CPU', {'INFERENCE_NUM_THREADS': threads,
+                                                               'INFERENCE_PRECISION_HINT': 'f32',
+                                                               'PERFORMANCE_HINT': 'LATENCY'})
+        request, pixels = compiled.create_infer_request(), images.numpy()
+        print(f'openvino {openvino.__version__}, {threads} threads')
+        return lambda: request.infer([pixels])
+    import onnxruntime
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = len(os.sched_getaffinity(0))
+    options.intra_op_num_threads = threads
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
@@ -81,7 +93,7 @@ def main() -> None:
     parser.add_argument('-depth', type=int, nargs=3, default=[1, 2, 10], help='1 2 10: CvT-13; 1 4 16: CvT-21')
     parser.add_argument('-batch_size', type=int, default=16)
     parser.add_argument('-image_size', type=int, default=224)
-    parser.add_argument('-mode', choices=('infer', 'train', 'onnx'), default='infer')
+    parser.add_argument('-mode', choices=('infer', 'train', 'onnx', 'openvino'), default='infer')
     parser.add_argument('-warmup', type=int, default=3)
     parser.add_argument('-iters', type=int, default=10)
     parser.add_argument('-num_classes', type=int, default=1000)
@@ -99,9 +111,9 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     labels = torch.randint(0, args.num_classes, (args.batch_size,))
 
-    if args.mode == 'onnx':
+    if args.mode in ('onnx', 'openvino'):
         model.eval()
-        step = onnx_step(model, images)
+        step = onnx_step(model, images, args.mode)
     elif args.mode == 'infer':
         model.eval()
 

@@ -12,7 +12,7 @@ below 1e-3. The input is ``image`` (batch, 3, IMAGE_SIZE, IMAGE_SIZE) float32
 with a dynamic batch axis; the output is the logits (batch, NUM_CLASSES). The
 config's val preprocessing is stored in the model's metadata (key
 ``cvt.preprocess``, the JSON of tools/export_model.py's preprocess.json), so
-that tools/infer.py -backend onnxruntime needs nothing but the .onnx file.
+that tools/infer.py (OpenVINO or ONNX Runtime) needs nothing but the .onnx file.
 
 Needs paddle2onnx 2.x (Paddle >= 3.0) and onnxruntime, which the project does
 not otherwise need: pip install -r requirements-deploy.txt
@@ -92,6 +92,12 @@ def convert(model: paddle.nn.Layer, config, onnx_file: str, opset: int) -> None:
         except Exception as err:  # it logs the cause and leaves its result unbound
             fail(f'paddle2onnx could not convert {config.MODEL.NAME} ({type(err).__name__}: {err})')
     onnx_model = onnx.load_from_string(serialized)
+    # paddle2onnx leaves constants that no node reads; ONNX Runtime warns about each at every load
+    graph = onnx_model.graph
+    read = {name for node in graph.node for name in node.input}
+    constants = [tensor for tensor in graph.initializer if tensor.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(constants)
     # paddle2onnx names the batch axes DynamicDimension.N, one name per tensor
     for value in list(onnx_model.graph.input) + list(onnx_model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = BATCH_AXIS

@@ -1,15 +1,16 @@
-"""Classify images with an exported CvT: Paddle Inference or ONNX Runtime.
+"""Classify images with an exported CvT: Paddle Inference, OpenVINO or ONNX Runtime.
 
     python tools/infer.py -model exported/cvt-13-224x224 cat.jpg photos/       # tools/export_model.py
     python tools/infer.py -model cvt-13-224x224.onnx cat.jpg photos/           # tools/export_onnx.py
-        [-backend paddle|onnxruntime] [-labels imagenet_classes.txt] [-topk 5] [-batch_size 8]
+        [-backend paddle|openvino|onnxruntime] [-labels imagenet_classes.txt] [-topk 5] [-batch_size 8]
         [-threads N] [-device cpu|gpu] [-disable_onednn] [-tensorrt]
 
 Prints the same top-k as tools/predict.py. The backend follows the model: a
 folder of tools/export_model.py runs on Paddle Inference, a .onnx file of
-tools/export_onnx.py on ONNX Runtime (CPU). The ONNX path is the recommended one
-on CPU, chosen by measurement (docs/deploy.md; tools/benchmark.py -mode deploy
-times it).
+tools/export_onnx.py on OpenVINO where it is installed and on ONNX Runtime
+otherwise (both on CPU, in float32). The .onnx file in OpenVINO is the
+recommended path on CPU, chosen by measurement (docs/deploy.md;
+tools/benchmark.py -mode deploy times it).
 The class count, input size and preprocessing come from the export (the
 folder's preprocess.json, the .onnx file's metadata), not from a config file.
 Paddle Inference on CPU runs with oneDNN unless -disable_onednn; -device
@@ -19,10 +20,11 @@ to one per usable core (MKL_NUM_THREADS where set).
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,10 +37,8 @@ from paddle import inference  # noqa: E402
 from tools._common import check_topk, fail, list_images, print_predictions, read_labels, val_transform  # noqa: E402
 from tools.export_model import MODEL_PREFIX, PREPROCESS_FILE, program_file  # noqa: E402
 
-BACKENDS = ('paddle', 'onnxruntime')
-# the recommended CPU backend, chosen by measurement (docs/deploy.md); what
-# tools/benchmark.py -mode deploy times
-DEFAULT_BACKEND = 'onnxruntime'
+BACKENDS = ('paddle', 'openvino', 'onnxruntime')
+ONNX_BACKENDS = ('openvino', 'onnxruntime')  # they run a .onnx file, on CPU
 GPU_MEMORY_MB = 256  # initial pool; Paddle grows it as needed
 
 LogitsFunction = Callable[[np.ndarray], np.ndarray]
@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='folder written by tools/export_model.py, or .onnx file by tools/export_onnx.py')
     parser.add_argument('images', nargs='+', help='image files and/or folders of images')
     parser.add_argument('-backend', choices=BACKENDS, default=None,
-                        help='default: paddle for an export folder, onnxruntime for a .onnx file')
+                        help='default: paddle for an export folder; for a .onnx file, openvino where '
+                             'installed, else onnxruntime')
     parser.add_argument('-labels', help='class names, one a line in class-index order')
     parser.add_argument('-topk', type=int, default=5, help='classes to print per image (default 5)')
     parser.add_argument('-batch_size', type=int, default=8, help='images per run (default 8)')
@@ -69,9 +70,16 @@ def default_threads() -> int:
     return int(os.environ.get('MKL_NUM_THREADS') or runtime.usable_cores())
 
 
+def onnx_backend() -> str:
+    """The runtime for a .onnx file: OpenVINO where it is installed (the fastest CPU
+    inference measured for this model, docs/deploy.md), else ONNX Runtime. What
+    tools/benchmark.py -mode deploy times."""
+    return 'openvino' if importlib.util.find_spec('openvino') else 'onnxruntime'
+
+
 def backend_of(model_path: str) -> str:
-    """The backend an export is for: onnxruntime for a .onnx file, paddle for an export folder."""
-    return 'onnxruntime' if os.path.isfile(model_path) and model_path.endswith('.onnx') else 'paddle'
+    """The backend an export is for: `onnx_backend()` for a .onnx file, paddle for an export folder."""
+    return onnx_backend() if os.path.isfile(model_path) and model_path.endswith('.onnx') else 'paddle'
 
 
 def gpu_available() -> bool:
@@ -159,53 +167,90 @@ def logits_function(predictor: inference.Predictor) -> LogitsFunction:
     return logits_of
 
 
-def onnx_preprocess(session, path: str) -> dict:
-    """The preprocessing tools/export_onnx.py stored in the model's metadata; for
-    another ONNX classifier, its input size and class count from the graph with
-    the default (ImageNet) val preprocessing of config.py."""
+def onnx_preprocess(stored: Optional[str], image: Tuple[str, list], logits_shape: list, path: str) -> dict:
+    """The preprocessing tools/export_onnx.py stored in the model's metadata (`stored`);
+    for another ONNX classifier, its input size and class count from the graph
+    (`image`: the input's name and shape; dimensions are ints or None) with the
+    default (ImageNet) val preprocessing of config.py."""
     from tools.export_onnx import METADATA_KEY
-    stored = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if stored is not None:
         return json.loads(stored)
     from config import get_config
     data = get_config().DATA
-    image, logits = session.get_inputs()[0], session.get_outputs()[0]
-    size, classes = image.shape[-1], logits.shape[-1]
-    if len(image.shape) != 4 or not isinstance(size, int) or image.shape[-2] != size or not isinstance(classes, int):
-        fail(f'{path}: no {METADATA_KEY} metadata, and its input {image.shape} / output {logits.shape} are not '
+    name, shape = image
+    size, classes = shape[-1], logits_shape[-1]
+    if len(shape) != 4 or not isinstance(size, int) or shape[-2] != size or not isinstance(classes, int):
+        fail(f'{path}: no {METADATA_KEY} metadata, and its input {shape} / output {logits_shape} are not '
              'a fixed-size square image / a fixed class count; export with tools/export_onnx.py')
     print(f'{path}: no {METADATA_KEY} metadata: {size}px input and {classes} classes from the graph, '
           'config.py\'s default val preprocessing', file=sys.stderr)
     return {'num_classes': classes, 'image_size': size, 'crop_pct': data.CROP_PCT,
             'interpolation': data.INTERPOLATION, 'mean': list(data.IMAGENET_MEAN),
-            'std': list(data.IMAGENET_STD), 'input_name': image.name}
+            'std': list(data.IMAGENET_STD), 'input_name': name}
 
 
-def onnx_logits_function(session, path: str) -> LogitsFunction:
-    """numpy images (B, 3, H, W) -> numpy logits (B, classes) with the ONNX Runtime
-    session; a graph exported for batch 1 (as some exporters write) gets one image a run."""
-    image = session.get_inputs()[0]
-    fixed_batch = image.shape[0] if isinstance(image.shape[0], int) else None
-    if fixed_batch not in (None, 1):
-        fail(f'{path}: its input batch is fixed at {fixed_batch}; export with a dynamic batch (tools/export_onnx.py)')
+def batched_logits(run: LogitsFunction, input_batch: Optional[int], path: str) -> LogitsFunction:
+    """numpy images (B, 3, H, W) -> numpy logits (B, classes) with `run`; a graph
+    exported for batch 1 (`input_batch`, as some exporters write) gets one image a run."""
+    if input_batch not in (None, 1):
+        fail(f'{path}: its input batch is fixed at {input_batch}; export with a dynamic batch (tools/export_onnx.py)')
 
     def logits_of(images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype='float32')
-        runs = [images] if fixed_batch is None else np.split(images, len(images))
-        return np.concatenate([session.run(None, {image.name: run})[0] for run in runs])
+        runs = [images] if input_batch is None else np.split(images, len(images))
+        return np.concatenate([run(images_of_run) for images_of_run in runs])
     return logits_of
+
+
+def onnxruntime_runner(model_path: str, threads: int) -> Tuple[dict, LogitsFunction]:
+    from tools.export_onnx import METADATA_KEY, onnx_session
+    try:
+        session = onnx_session(model_path, threads)
+    except Exception as err:  # onnxruntime's own errors (not an ONNX file, unsupported operator)
+        fail(f'{model_path}: ONNX Runtime cannot load it ({type(err).__name__}: {str(err).splitlines()[0]})')
+    image, logits = session.get_inputs()[0], session.get_outputs()[0]
+    static = lambda shape: [d if isinstance(d, int) else None for d in shape]
+    preprocess = onnx_preprocess(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY),
+                                 (image.name, static(image.shape)), static(logits.shape), model_path)
+    run = lambda images: session.run(None, {image.name: images})[0]
+    return preprocess, batched_logits(run, static(image.shape)[0], model_path)
+
+
+def openvino_runner(model_path: str, threads: int) -> Tuple[dict, LogitsFunction]:
+    from tools.export_onnx import INSTALL_HINT, METADATA_KEY
+    try:
+        import openvino
+    except ImportError as err:
+        fail(f'OpenVINO is not installed ({err}); {INSTALL_HINT}')
+    core = openvino.Core()
+    try:
+        model = core.read_model(model_path)
+        # float32 as trained: OpenVINO would otherwise run bfloat16 on CPUs that have it
+        # (AMX, AVX512_BF16), which moves the logits by ~1e-2; one stream using every thread
+        compiled = core.compile_model(model, 'CPU', {'INFERENCE_NUM_THREADS': threads,
+                                                     'INFERENCE_PRECISION_HINT': 'f32',
+                                                     'PERFORMANCE_HINT': 'LATENCY'})
+    except Exception as err:  # OpenVINO's own errors (not an ONNX file, unsupported operator)
+        fail(f'{model_path}: OpenVINO cannot load it ({type(err).__name__}: {str(err).strip().splitlines()[0]})')
+    static = lambda shape: [d.get_length() if d.is_static else None for d in shape]
+    image, logits = model.inputs[0], model.outputs[0]
+    key = ['framework', METADATA_KEY]  # where OpenVINO keeps an ONNX file's metadata
+    stored = model.get_rt_info(key).astype(str) if model.has_rt_info(key) else None
+    preprocess = onnx_preprocess(stored, (image.get_any_name(), static(image.get_partial_shape())),
+                                 static(logits.get_partial_shape()), model_path)
+    request = compiled.create_infer_request()
+    run = lambda images: request.infer([images])[0].copy()  # the request reuses its output buffer
+    return preprocess, batched_logits(run, static(image.get_partial_shape())[0], model_path)
 
 
 def create_runner(model_path: str, backend: str, device: str = 'cpu', onednn: bool = True,
                   tensorrt: bool = False, max_batch: int = 8, threads: int = 0) -> Tuple[dict, LogitsFunction]:
-    """The exported model's preprocessing and its logits function on `backend`."""
+    """The exported model's preprocessing and its logits function on `backend` (threads 0:
+    `default_threads()`)."""
     if backend == 'onnxruntime':
-        from tools.export_onnx import onnx_session
-        try:
-            session = onnx_session(model_path, threads or default_threads())
-        except Exception as err:  # onnxruntime's own errors (not an ONNX file, unsupported operator)
-            fail(f'{model_path}: ONNX Runtime cannot load it ({type(err).__name__}: {str(err).splitlines()[0]})')
-        return onnx_preprocess(session, model_path), onnx_logits_function(session, model_path)
+        return onnxruntime_runner(model_path, threads or default_threads())
+    if backend == 'openvino':
+        return openvino_runner(model_path, threads or default_threads())
     preprocess = read_preprocess(model_path)
     predictor = create_predictor(model_path, preprocess, device, onednn, tensorrt, max_batch, threads)
     return preprocess, logits_function(predictor)
@@ -214,11 +259,11 @@ def create_runner(model_path: str, backend: str, device: str = 'cpu', onednn: bo
 def check_model(args: argparse.Namespace) -> str:
     """The backend for `args.model` (exits if the model does not fit it)."""
     backend = args.backend or backend_of(args.model)
-    if backend == 'onnxruntime':
+    if backend in ONNX_BACKENDS:
         if not os.path.isfile(args.model):
-            fail(f'{args.model}: no such file (-backend onnxruntime runs a .onnx file of tools/export_onnx.py)')
+            fail(f'{args.model}: no such file (-backend {backend} runs a .onnx file of tools/export_onnx.py)')
         if args.device == 'gpu' or args.tensorrt or args.disable_onednn:
-            fail('-device gpu, -tensorrt and -disable_onednn are for -backend paddle; onnxruntime runs on CPU')
+            fail(f'-device gpu, -tensorrt and -disable_onednn are for -backend paddle; {backend} runs on CPU')
         return backend
     if not os.path.isdir(args.model):
         fail(f'{args.model}: no such folder (-backend paddle runs a folder of tools/export_model.py)')
@@ -232,7 +277,7 @@ def check_model(args: argparse.Namespace) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     backend = check_model(args)
-    device = 'cpu' if backend == 'onnxruntime' else args.device or ('gpu' if gpu_available() else 'cpu')
+    device = 'cpu' if backend in ONNX_BACKENDS else args.device or ('gpu' if gpu_available() else 'cpu')
     if device == 'gpu' and not gpu_available():
         fail('-device gpu: this Paddle has no CUDA or sees no GPU')
     if args.tensorrt and device != 'gpu':
