@@ -168,3 +168,13 @@ def test_infer_with_openvino_not_installed_exits_2_with_the_install_hint(onnx_mo
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.count('\n') == 1 and 'OpenVINO is not installed' in err and 'requirements-deploy.txt' in err
+
+
+@needs_converter
+def test_infer_without_openvino_runs_onnx_runtime_and_says_so(onnx_model, tmp_path, monkeypatch, capsys):
+    image = write_images(str(tmp_path), 1)[0]
+    monkeypatch.setitem(sys.modules, 'openvino', None)
+    assert infer.main(['-model', onnx_model[0], image, '-topk', '2']) == 0
+    captured = capsys.readouterr()
+    assert 'running in ONNX Runtime; OpenVINO' in captured.err and 'requirements-deploy.txt' in captured.err
+    assert len(parse_top_k(captured.out)) == 1

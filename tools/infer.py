@@ -286,6 +286,9 @@ def check_model(args: argparse.Namespace) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     backend = check_model(args)
+    if args.backend is None and backend == 'onnxruntime':
+        print(f'{args.model}: running in ONNX Runtime; OpenVINO, the faster CPU runtime here, is not installed '
+              '(pip install -r requirements-deploy.txt)', file=sys.stderr)
     device = 'cpu' if backend in ONNX_BACKENDS else args.device or ('gpu' if gpu_available() else 'cpu')
     if device == 'gpu' and not gpu_available():
         fail('-device gpu: this Paddle has no CUDA or sees no GPU')
