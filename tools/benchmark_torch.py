@@ -22,7 +22,8 @@ settings of ``tools/infer.py -backend onnxruntime``: one intra-op thread per
 usable core, all graph optimisations, no spinning; the counterpart of
 ``tools/benchmark.py -mode deploy -backend onnxruntime``. ``openvino`` runs that
 export in OpenVINO with the settings of ``tools/infer.py -backend openvino``
-(float32, one stream, one thread per usable core); the counterpart of
+(compiled for the batch's shape, float32, one stream, one thread per usable
+core); the counterpart of
 ``tools/benchmark.py -mode deploy`` where OpenVINO is installed.
 """
 
@@ -65,9 +66,11 @@ def onnx_step(model: CvtForImageClassification, images: torch.Tensor, runtime: s
     threads = len(os.sched_getaffinity(0))
     if runtime == 'openvino':
         import openvino
-        compiled = openvino.Core().compile_model(path, 'CPU', {'INFERENCE_NUM_THREADS': threads,
-                                                               'INFERENCE_PRECISION_HINT': 'f32',
-                                                               'PERFORMANCE_HINT': 'LATENCY'})
+        core = openvino.Core()
+        onnx_model = core.read_model(path)
+        onnx_model.reshape({onnx_model.inputs[0]: list(images.shape)})  # static, as infer.py compiles it
+        settings = {'INFERENCE_NUM_THREADS': threads, 'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
+        compiled = core.compile_model(onnx_model, 'CPU', settings)
         request, pixels = compiled.create_infer_request(), images.numpy()
         print(f'openvino {openvino.__version__}, {threads} threads')
         return lambda: request.infer([pixels])
