@@ -14,8 +14,8 @@ loss on Mixup-style soft targets, backward, AdamW update) with the engine's
 optimizer, LR schedule and loss scaler; ``deploy`` is what tools/infer.py runs
 by default on CPU: the model exported (in the set-up, not timed) for
 ``-backend`` (default: infer.onnx_backend(), OpenVINO where installed; see
-docs/deploy.md) and run with
-infer.py's runtime settings, numpy images in, logits out.
+docs/deploy.md) and run with infer.py's runtime settings, numpy images in,
+logits out.
 It runs under the same runtime set-up as the training and evaluation scripts
 (``runtime.configure()`` before Paddle); ``-threads N`` runs on N of the
 usable cores (default: all). It prints the CPU, its vector ISA, MKL's code
