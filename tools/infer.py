@@ -203,6 +203,7 @@ def batched_logits(run: LogitsFunction, input_batch: Optional[int], path: str) -
 
 
 def onnxruntime_runner(model_path: str, threads: int) -> Tuple[dict, LogitsFunction]:
+    """The .onnx file's preprocessing and its logits function in ONNX Runtime."""
     from tools.export_onnx import METADATA_KEY, onnx_session
     try:
         session = onnx_session(model_path, threads)
@@ -217,6 +218,9 @@ def onnxruntime_runner(model_path: str, threads: int) -> Tuple[dict, LogitsFunct
 
 
 def openvino_runner(model_path: str, threads: int) -> Tuple[dict, LogitsFunction]:
+    """The .onnx file's preprocessing and its logits function in OpenVINO (CPU). Each
+    input shape gets its own compiled model (infer.py runs two at most: the batch and
+    the last, shorter one)."""
     from tools.export_onnx import INSTALL_HINT, METADATA_KEY
     try:
         import openvino
