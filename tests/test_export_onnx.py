@@ -64,6 +64,24 @@ def test_onnx_logits_equal_the_paddle_model(onnx_model, backend, batch):
     assert (preprocess['num_classes'], preprocess['image_size']) == (10, 64)
 
 
+@needs_openvino
+def test_openvino_compiles_a_bounded_number_of_models_for_any_batch_sizes(onnx_model, monkeypatch):
+    import openvino
+    path, model, _, _ = onnx_model
+    compiled = []
+    compile_model = openvino.Core.compile_model
+    monkeypatch.setattr(openvino.Core, 'compile_model',
+                        lambda core, *args, **kwargs: compiled.append(1) or compile_model(core, *args, **kwargs))
+    _, logits_of = infer.create_runner(path, 'openvino')
+    for batch in (4, 1, 3, 2, 5, 3, 4):
+        images = np.random.default_rng(batch).standard_normal((batch, 3, 64, 64)).astype('float32')
+        with paddle.no_grad():
+            expected = model(paddle.to_tensor(images)).numpy()
+        np.testing.assert_allclose(logits_of(images), expected, rtol=0, atol=1e-4)
+    # batches 4 and 1 each a static model, 3, 2 and 5 share the dynamic one
+    assert len(compiled) == infer.STATIC_SHAPES + 1 == 3
+
+
 @needs_converter
 def test_onnx_model_has_a_named_dynamic_batch_axis(onnx_model):
     path = onnx_model[0]

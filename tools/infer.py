@@ -39,6 +39,7 @@ from tools.export_model import MODEL_PREFIX, PREPROCESS_FILE, program_file  # no
 
 BACKENDS = ('paddle', 'openvino', 'onnxruntime')
 ONNX_BACKENDS = ('openvino', 'onnxruntime')  # they run a .onnx file, on CPU
+STATIC_SHAPES = 2  # input shapes with an OpenVINO model compiled for them alone
 GPU_MEMORY_MB = 256  # initial pool; Paddle grows it as needed
 
 LogitsFunction = Callable[[np.ndarray], np.ndarray]
@@ -218,9 +219,11 @@ def onnxruntime_runner(model_path: str, threads: int) -> Tuple[dict, LogitsFunct
 
 
 def openvino_runner(model_path: str, threads: int) -> Tuple[dict, LogitsFunction]:
-    """The .onnx file's preprocessing and its logits function in OpenVINO (CPU). Each
-    input shape gets its own compiled model (infer.py runs two at most: the batch and
-    the last, shorter one)."""
+    """The .onnx file's preprocessing and its logits function in OpenVINO (CPU). The
+    first `STATIC_SHAPES` input shapes get a compiled model each (infer.py runs two:
+    the batch and the last, shorter one); any other shape shares one compiled for the
+    file's own, dynamic shape, so a caller with ever-new batch sizes neither
+    recompiles nor holds a model per size."""
     from tools.export_onnx import INSTALL_HINT, METADATA_KEY
     try:
         import openvino
@@ -240,19 +243,24 @@ def openvino_runner(model_path: str, threads: int) -> Tuple[dict, LogitsFunction
     # float32 as trained: OpenVINO would otherwise run bfloat16 on CPUs that have it (AMX,
     # AVX512_BF16), which moves the logits by ~1e-2; one stream that uses every thread
     settings = {'INFERENCE_NUM_THREADS': threads, 'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
-    # one compiled model per input shape: OpenVINO picks faster kernels for a static shape
-    # than for a dynamic batch (CvT-13, batch 16, 2 threads: 6%)
+    # OpenVINO picks faster kernels for a static shape than for a dynamic batch (CvT-13,
+    # batch 16, 2 threads: 6%)
+    own_shape = image.get_partial_shape()
     requests = {}
 
-    def run(images: np.ndarray) -> np.ndarray:
-        if images.shape not in requests:
-            model.reshape({image: images.shape})
+    def request_for(shape) -> 'openvino.InferRequest':
+        key = tuple(shape) if len(requests) < STATIC_SHAPES or tuple(shape) in requests else 'dynamic'
+        if key not in requests:
+            model.reshape({image: own_shape if key == 'dynamic' else list(shape)})
             try:
-                requests[images.shape] = core.compile_model(model, 'CPU', settings).create_infer_request()
+                requests[key] = core.compile_model(model, 'CPU', settings).create_infer_request()
             except Exception as err:  # an operator or shape OpenVINO cannot compile
-                fail(f'{model_path}: OpenVINO cannot compile it for input {list(images.shape)} '
+                fail(f'{model_path}: OpenVINO cannot compile it for input {list(shape)} '
                      f'({type(err).__name__}: {str(err).strip().splitlines()[0]})')
-        return requests[images.shape].infer([images])[0].copy()  # the request reuses its output buffer
+        return requests[key]
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return request_for(images.shape).infer([images])[0].copy()  # the request reuses its output buffer
     return preprocess, batched_logits(run, static(image.get_partial_shape())[0], model_path)
 
 
