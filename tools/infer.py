@@ -261,7 +261,7 @@ def openvino_runner(model_path: str, threads: int) -> Tuple[dict, LogitsFunction
 
     def run(images: np.ndarray) -> np.ndarray:
         return request_for(images.shape).infer([images])[0].copy()  # the request reuses its output buffer
-    return preprocess, batched_logits(run, static(image.get_partial_shape())[0], model_path)
+    return preprocess, batched_logits(run, static(own_shape)[0], model_path)
 
 
 def create_runner(model_path: str, backend: str, device: str = 'cpu', onednn: bool = True,
