@@ -158,7 +158,9 @@ def train_step(model: nn.Layer, images: paddle.Tensor, targets: paddle.Tensor, c
     if update:
         scaler.step(optimizer)
         scaler.update()
-        optimizer.clear_grad()
+        # release the gradients (as PyTorch's set_to_none): the next backward writes fresh ones
+        # instead of zero-filling every gradient here and adding into the zeros there
+        optimizer.clear_grad(set_to_zero=False)
     return loss, logits
 
 
