@@ -311,7 +311,10 @@ void cvt_dwconv2d_backward(const float *dy, const float *x, const float *weight,
         float *dphases = dx ? malloc(sizeof(float) * dw_phases_size(&L)) : NULL;
         float *dy_grid = calloc(L.grid, sizeof(float));
         float *acc = dweight ? malloc(sizeof(float) * taps * DW_VEC) : NULL;
-        #pragma omp for schedule(static, 1)
+        /* a block of neighbouring channels per thread: handed out one at a time, neighbouring
+         * threads wrote neighbouring dx planes at once, sharing a cache line wherever a plane
+         * is not a multiple of 64 bytes (stage 3's 14x14 and 7x7) */
+        #pragma omp for schedule(static)
         for (int64_t c = 0; c < C; ++c) {
             const float *wp = weight + c * taps;
             if (acc) memset(acc, 0, sizeof(float) * taps * DW_VEC);
