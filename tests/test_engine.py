@@ -85,6 +85,22 @@ def test_training_steps_reduce_the_loss(data_path, tmp_path):
     assert last < 0.7 * first
 
 
+def test_an_update_releases_the_gradients_and_a_micro_step_keeps_them(data_path, tmp_path):
+    config = tiny_config(data_path, str(tmp_path))
+    model = cvt.build_cvt(config)
+    optimizer = engine.build_optimizer(config, model, 1e-3)
+    criterion = losses.build_criterion(config, mixup_active=False)
+    scaler = paddle.amp.GradScaler(enable=False)
+    images, labels = _first_batch(config, 4)
+    model.train()
+    trained = [p for p in model.parameters() if not p.stop_gradient]
+    engine.train_step(model, images, labels, criterion, optimizer, scaler, accum_iter=2, update=False)
+    assert all(p.grad is not None for p in trained)
+    engine.train_step(model, images, labels, criterion, optimizer, scaler, accum_iter=2, update=True)
+    # released, not zero-filled: the next backward writes fresh gradients
+    assert all(p.grad is None for p in trained)
+
+
 def test_gradient_accumulation_equals_a_larger_batch(data_path, tmp_path):
     # linear projections: no BatchNorm, whose batch statistics depend on the batch split
     config = tiny_config(data_path, str(tmp_path), {
