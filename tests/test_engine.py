@@ -71,14 +71,18 @@ def _first_batch(config, size):
     return paddle.to_tensor(np.stack(images)), paddle.to_tensor(np.array(labels, dtype='int64'))
 
 
-def test_training_steps_reduce_the_loss(data_path, tmp_path):
+def _tiny_training(data_path, tmp_path, batch):
+    """A tiny CvT in training mode, its AdamW, loss and (disabled) scaler, and one batch."""
     config = tiny_config(data_path, str(tmp_path))
     model = cvt.build_cvt(config)
+    model.train()
     optimizer = engine.build_optimizer(config, model, 1e-3)
     criterion = losses.build_criterion(config, mixup_active=False)
-    scaler = paddle.amp.GradScaler(enable=False)
-    images, labels = _first_batch(config, 16)
-    model.train()
+    return model, optimizer, criterion, paddle.amp.GradScaler(enable=False), _first_batch(config, batch)
+
+
+def test_training_steps_reduce_the_loss(data_path, tmp_path):
+    model, optimizer, criterion, scaler, (images, labels) = _tiny_training(data_path, tmp_path, 16)
     first = float(engine.train_step(model, images, labels, criterion, optimizer, scaler)[0])
     for _ in range(15):
         last = float(engine.train_step(model, images, labels, criterion, optimizer, scaler)[0])
@@ -86,13 +90,7 @@ def test_training_steps_reduce_the_loss(data_path, tmp_path):
 
 
 def test_an_update_releases_the_gradients_and_a_micro_step_keeps_them(data_path, tmp_path):
-    config = tiny_config(data_path, str(tmp_path))
-    model = cvt.build_cvt(config)
-    optimizer = engine.build_optimizer(config, model, 1e-3)
-    criterion = losses.build_criterion(config, mixup_active=False)
-    scaler = paddle.amp.GradScaler(enable=False)
-    images, labels = _first_batch(config, 4)
-    model.train()
+    model, optimizer, criterion, scaler, (images, labels) = _tiny_training(data_path, tmp_path, 4)
     trained = [p for p in model.parameters() if not p.stop_gradient]
     engine.train_step(model, images, labels, criterion, optimizer, scaler, accum_iter=2, update=False)
     assert all(p.grad is not None for p in trained)
