@@ -74,6 +74,20 @@ def get_arguments(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse `type` for a count: an integer of at least `minimum`, else argparse's
+    one-line usage error naming the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'must be at least {minimum}, got {value}')
+        return value
+    return parse
+
+
 def add_opts_argument(parser: argparse.ArgumentParser) -> None:
     """-opts KEY VALUE [KEY VALUE ...]: any config key, after the yaml file (config.merge_opts)."""
     parser.add_argument('-opts', nargs='+', default=None, metavar='KEY VALUE',

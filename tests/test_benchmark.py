@@ -45,6 +45,30 @@ def test_too_many_threads_is_one_line_error():
     assert result.stderr.strip() == f'error: -threads 999: this process may use 1 to {len(os.sched_getaffinity(0))} cores'
 
 
+@pytest.mark.parametrize('flag, value, minimum', [('-batch_size', '0', 1), ('-iters', '0', 1), ('-warmup', '-1', 0),
+                                                  ('-threads', '0', 1)])
+def test_a_count_out_of_range_is_a_one_line_usage_error(flag, value, minimum):
+    result = benchmark(flag, value)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (f'benchmark.py: error: argument {flag}: '
+                                                       f'must be at least {minimum}, got {value}')
+
+
+def test_a_missing_config_is_a_one_line_error():
+    result = subprocess.run([sys.executable, 'tools/benchmark.py', '-cfg', 'configs/missing.yaml'], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == 'error: configs/missing.yaml: config file not found'
+
+
+def test_the_comparison_checks_its_counts_before_starting_anything():
+    result = subprocess.run([sys.executable, 'tools/benchmark_compare.py', '-rounds', '0'], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ('benchmark_compare.py: error: argument -rounds: '
+                                                       'must be at least 1, got 0')
+
+
 @needs_converter
 def test_deploy_mode_runs_the_runtime_infer_picks_for_a_onnx_file():
     result = benchmark('-mode', 'deploy', '-threads', '1')

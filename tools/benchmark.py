@@ -37,7 +37,7 @@ from typing import Callable, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import runtime  # noqa: E402
-from utils import fail  # noqa: E402
+from utils import fail, int_at_least  # noqa: E402
 
 ISA_NAMES = {'avx512': 'AVX-512', 'avx2': 'AVX2', None: 'neither AVX2 nor AVX-512'}
 
@@ -45,16 +45,16 @@ ISA_NAMES = {'avx512': 'AVX-512', 'avx2': 'AVX2', None: 'neither AVX2 nor AVX-51
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('-cfg', type=str, required=True)
-    parser.add_argument('-batch_size', type=int, default=16)
-    parser.add_argument('-image_size', type=int, default=None)
+    parser.add_argument('-batch_size', type=int_at_least(1), default=16)
+    parser.add_argument('-image_size', type=int_at_least(1), default=None)
     parser.add_argument('-mode', choices=('infer', 'train', 'deploy'), default='infer')
     parser.add_argument('-backend', choices=('paddle', 'openvino', 'onnxruntime'), default=None,
                         help='-mode deploy: the runtime (default: the one tools/infer.py recommends)')
     parser.add_argument('-amp', action='store_true', help='float16 autocast (GPU)')
-    parser.add_argument('-threads', type=int, default=None,
+    parser.add_argument('-threads', type=int_at_least(1), default=None,
                         help='run on this many cores, one thread each (default: all usable cores)')
-    parser.add_argument('-warmup', type=int, default=3)
-    parser.add_argument('-iters', type=int, default=10)
+    parser.add_argument('-warmup', type=int_at_least(0), default=3)
+    parser.add_argument('-iters', type=int_at_least(1), default=10)
     parser.add_argument('-profile', action='store_true',
                         help="then run -iters more steps under Paddle's profiler and print the time per operator")
     args = parser.parse_args()
@@ -66,7 +66,7 @@ def parse_arguments() -> argparse.Namespace:
 # the arguments first: -threads must be applied before Paddle loads
 if __name__ == '__main__':
     ARGS = parse_arguments()
-    if ARGS.threads is not None and not 1 <= ARGS.threads <= runtime.usable_cores():
+    if ARGS.threads is not None and ARGS.threads > runtime.usable_cores():
         fail(f'-threads {ARGS.threads}: this process may use 1 to {runtime.usable_cores()} cores')
     runtime.configure(threads=ARGS.threads)
 
@@ -76,7 +76,7 @@ import paddle.nn.functional as F  # noqa: E402
 import cpu_kernels  # noqa: E402
 import engine  # noqa: E402
 import losses  # noqa: E402
-from config import get_config, update_config  # noqa: E402
+from config import ConfigError, get_config, update_config  # noqa: E402
 from cvt import build_cvt, set_fast_paths  # noqa: E402
 
 
@@ -139,7 +139,10 @@ def profile(step, steps: int) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    config = update_config(get_config(), argparse.Namespace(cfg=args.cfg, image_size=args.image_size))
+    try:
+        config = update_config(get_config(), argparse.Namespace(cfg=args.cfg, image_size=args.image_size))
+    except ConfigError as err:
+        fail(str(err))
 
     paddle.seed(config.SEED)
     model = build_cvt(config)

@@ -40,6 +40,7 @@ ROOT = os.path.dirname(TOOLS)
 sys.path.insert(0, ROOT)
 
 from runtime import usable_cores  # noqa: E402  (no Paddle: this process only starts others)
+from utils import int_at_least  # noqa: E402
 
 # benchmark_torch.py's counterpart of each benchmark.py mode
 TORCH_MODES = {'infer': 'infer', 'train': 'train', 'deploy': 'onnx'}
@@ -72,17 +73,17 @@ def median(values: List[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('-model', choices=sorted(MODELS), default='13', help='CvT-13 or CvT-21, at 224')
-    parser.add_argument('-batch_size', type=int, default=16)
+    parser.add_argument('-batch_size', type=int_at_least(1), default=16)
     parser.add_argument('-modes', nargs='+', choices=sorted(TORCH_MODES), default=['infer', 'train'])
-    parser.add_argument('-threads', type=int, nargs='+', default=None,
+    parser.add_argument('-threads', type=int_at_least(1), nargs='+', default=None,
                         help='thread counts to run (default: 1 and all usable cores)')
     parser.add_argument('-isa', choices=sorted(EMULATION), default='native',
                         help='avx2: emulate an AVX2-only CPU on both sides (see above)')
     parser.add_argument('-deploy_reference', choices=('onnx', 'openvino'), default='onnx',
                         help="-modes deploy: the runtime of transformers' CvT (onnx: ONNX Runtime)")
-    parser.add_argument('-rounds', type=int, default=3)
-    parser.add_argument('-warmup', type=int, default=3, help='untimed steps per process')
-    parser.add_argument('-iters', type=int, default=10, help='timed steps per process (median)')
+    parser.add_argument('-rounds', type=int_at_least(1), default=3)
+    parser.add_argument('-warmup', type=int_at_least(0), default=3, help='untimed steps per process')
+    parser.add_argument('-iters', type=int_at_least(1), default=10, help='timed steps per process (median)')
     args = parser.parse_args()
     try:
         import torch  # noqa: F401
@@ -92,7 +93,7 @@ def main() -> None:
                  'pip install -r requirements-test.txt')
     cores = usable_cores()
     thread_counts = sorted(set(args.threads or [1, cores]))
-    if not all(1 <= n <= cores for n in thread_counts):
+    if max(thread_counts) > cores:
         sys.exit(f'error: -threads {args.threads}: this process may use 1 to {cores} cores')
 
     cfg, depth = MODELS[args.model]

@@ -102,6 +102,10 @@ def main() -> None:
     parser.add_argument('-num_classes', type=int, default=1000)
     parser.add_argument('-threads', type=int, default=None, help='run on this many cores (default: all)')
     args = parser.parse_args()
+    # (this harness imports nothing of the project, so not utils.int_at_least)
+    for flag, minimum in (('batch_size', 1), ('image_size', 1), ('warmup', 0), ('iters', 1), ('num_classes', 1)):
+        if getattr(args, flag) < minimum:
+            parser.error(f'argument -{flag}: must be at least {minimum}, got {getattr(args, flag)}')
     if args.threads is not None:
         cores = sorted(os.sched_getaffinity(0))
         if not 1 <= args.threads <= len(cores):

@@ -28,8 +28,9 @@ runtime.configure()  # before paddle: threads, MKL's code path, allocator
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from config import get_config  # noqa: E402
+from config import ConfigError, get_config  # noqa: E402
 from datasets import get_train_transforms, get_val_transforms, to_rgb  # noqa: E402
+from utils import fail, int_at_least  # noqa: E402
 
 
 def synthetic_jpegs(count: int, width: int = 500, height: int = 375, seed: int = 0) -> List[bytes]:
@@ -90,14 +91,17 @@ def images_per_second(images: List[bytes], work: Callable[[bytes], object], repe
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('-images', type=int, default=200, help='images per timed run')
-    parser.add_argument('-repeats', type=int, default=3, help='runs per pipeline; the best is reported')
+    parser.add_argument('-images', type=int_at_least(1), default=200, help='images per timed run')
+    parser.add_argument('-repeats', type=int_at_least(1), default=3, help='runs per pipeline; the best is reported')
     parser.add_argument('-cfg', default=os.path.join(os.path.dirname(__file__), '..', 'configs',
                                                      'recipe-imagenet1k.yaml'))
     parser.add_argument('-folder', default=None, help='time real JPEGs under this folder instead')
     args = parser.parse_args()
 
-    config = get_config(args.cfg)
+    try:
+        config = get_config(args.cfg)
+    except ConfigError as err:
+        fail(str(err))
     images = folder_jpegs(args.folder, args.images) if args.folder else synthetic_jpegs(args.images)
     train, val = get_train_transforms(config), get_val_transforms(config)
     baseline = paddle_vision_baseline(config)

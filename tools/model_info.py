@@ -28,7 +28,7 @@ import paddle.nn as nn  # noqa: E402
 
 from config import ConfigError, get_config  # noqa: E402
 from cvt import ConvolutionalVisionTransformer, build_cvt  # noqa: E402
-from utils import add_opts_argument  # noqa: E402
+from utils import add_opts_argument, int_at_least  # noqa: E402
 
 
 @dataclass
@@ -172,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('-cfg', required=True, help='model config yaml, e.g. configs/cvt-13-224x224.yaml')
     add_opts_argument(parser)
-    parser.add_argument('-image_size', type=int, default=None,
+    parser.add_argument('-image_size', type=int_at_least(1), default=None,
                         help='square input size (default: the config\'s DATA.IMAGE_SIZE)')
     args = parser.parse_args(argv)
     try:
