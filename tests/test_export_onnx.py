@@ -144,11 +144,11 @@ def test_bad_input_exits_2_with_one_line_naming_it(tmp_path, capsys, change, mes
     assert err.count('\n') == 1 and message in err
 
 
-@pytest.mark.parametrize('backend', ['onnxruntime', 'openvino'])
+@pytest.mark.parametrize('backend', ['onnxruntime', 'openvino', None])
 def test_infer_without_the_file_exits_2(tmp_path, capsys, backend):
     image = write_images(str(tmp_path), 1)[0]
     with pytest.raises(SystemExit) as exit_info:
-        infer.main(['-model', str(tmp_path / 'none.onnx'), '-backend', backend, image])
+        infer.main(['-model', str(tmp_path / 'none.onnx'), *(['-backend', backend] if backend else []), image])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.count('\n') == 1 and 'none.onnx: no such file' in err

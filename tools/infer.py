@@ -79,8 +79,9 @@ def onnx_backend() -> str:
 
 
 def backend_of(model_path: str) -> str:
-    """The backend an export is for: `onnx_backend()` for a .onnx file, paddle for an export folder."""
-    return onnx_backend() if os.path.isfile(model_path) and model_path.endswith('.onnx') else 'paddle'
+    """The backend an export is for: `onnx_backend()` for a .onnx file (a missing one too, so that
+    the error names the file), paddle for an export folder."""
+    return onnx_backend() if model_path.endswith('.onnx') and not os.path.isdir(model_path) else 'paddle'
 
 
 def gpu_available() -> bool:
