@@ -76,8 +76,8 @@ import paddle.nn.functional as F  # noqa: E402
 import cpu_kernels  # noqa: E402
 import engine  # noqa: E402
 import losses  # noqa: E402
-from config import ConfigError, get_config, update_config  # noqa: E402
 from cvt import build_cvt, set_fast_paths  # noqa: E402
+from tools._common import model_config  # noqa: E402
 
 
 def peak_memory_mb() -> float:
@@ -139,10 +139,7 @@ def profile(step, steps: int) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    try:
-        config = update_config(get_config(), argparse.Namespace(cfg=args.cfg, image_size=args.image_size))
-    except ConfigError as err:
-        fail(str(err))
+    config = model_config(args)  # -cfg with -image_size, or exit naming what is wrong
 
     paddle.seed(config.SEED)
     model = build_cvt(config)

@@ -28,9 +28,9 @@ runtime.configure()  # before paddle: threads, MKL's code path, allocator
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from config import ConfigError, get_config  # noqa: E402
 from datasets import get_train_transforms, get_val_transforms, to_rgb  # noqa: E402
-from utils import fail, int_at_least  # noqa: E402
+from tools._common import load_config  # noqa: E402
+from utils import int_at_least  # noqa: E402
 
 
 def synthetic_jpegs(count: int, width: int = 500, height: int = 375, seed: int = 0) -> List[bytes]:
@@ -98,10 +98,7 @@ def main() -> None:
     parser.add_argument('-folder', default=None, help='time real JPEGs under this folder instead')
     args = parser.parse_args()
 
-    try:
-        config = get_config(args.cfg)
-    except ConfigError as err:
-        fail(str(err))
+    config = load_config(args.cfg)
     images = folder_jpegs(args.folder, args.images) if args.folder else synthetic_jpegs(args.images)
     train, val = get_train_transforms(config), get_val_transforms(config)
     baseline = paddle_vision_baseline(config)
