@@ -21,8 +21,9 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from tools._common import (add_model_arguments, check_topk, check_weights_file,  # noqa: E402
-                           classifier_config, fail, list_images, load_model, print_predictions,
+                           classifier_config, list_images, load_model, print_predictions,
                            read_labels, val_transform)
+from utils import int_at_least  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('images', nargs='+', help='image files and/or folders of images')
     parser.add_argument('-labels', help='class names, one a line in class-index order')
     parser.add_argument('-topk', type=int, default=5, help='classes to print per image (default 5)')
-    parser.add_argument('-batch_size', type=int, default=None,
+    parser.add_argument('-batch_size', type=int_at_least(1), default=None,
                         help='images per forward (default DATA.BATCH_SIZE_EVAL of the config)')
     return parser.parse_args(argv)
 
@@ -50,8 +51,6 @@ def main(argv=None) -> int:
     num_classes = config.MODEL.NUM_CLASSES
     check_topk(args.topk, num_classes)
     batch_size = args.batch_size or config.DATA.BATCH_SIZE_EVAL
-    if batch_size < 1:
-        fail(f'-batch_size {batch_size} must be positive')
     weights = check_weights_file(args.pretrained)
     labels = read_labels(args.labels, num_classes)
     images = list_images(args.images)
