@@ -133,7 +133,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     runnable = {'avx512': ['avx512', 'avx2'], 'avx2': ['avx2']}.get(cpu_kernels.native_isa(), [])
     parser.add_argument('-builds', nargs='+', choices=('avx512', 'avx2'), default=runnable)
-    parser.add_argument('-threads', type=int_at_least(1), default=None, help='kernel threads (default: all usable cores)')
+    parser.add_argument('-threads', type=int_at_least(1), default=None,
+                        help='kernel threads (default: all usable cores)')
     parser.add_argument('-repeats', type=int_at_least(1), default=11, help='alternating timings per op (median)')
     parser.add_argument('-kernels', nargs='+', choices=cpu_kernels.KERNELS, default=cpu_kernels.KERNELS,
                         help='only these kernels (default: all)')
