@@ -33,6 +33,7 @@ import paddle
 import paddle.distributed as dist
 
 import cvt
+import fileio
 from utils import FILE_ONLY, AverageMeter, TrainingStopped, UsageError
 
 TRAIN_STATE_FORMAT = 'cvt-train-state/1'
@@ -69,21 +70,6 @@ class Checkpoint:
 
 
 # ------------------------------------------------------------------ writing
-
-def _write_atomically(obj, path: str) -> None:
-    """paddle.save to a temporary file, flush it to disk, then rename it over
-    `path`: a reader (or a process killed meanwhile) never sees half a file."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    paddle.save(obj, tmp)
-    with open(tmp, 'rb') as written:
-        os.fsync(written.fileno())
-    os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself reaches the disk
-    finally:
-        os.close(folder)
-
 
 def _rename_optimizer_state(state: dict, names: Dict[str, str]) -> dict:
     """Rename the per-parameter entries of an optimizer state dict through `names`.
@@ -178,9 +164,9 @@ def _training_state(trainer, epoch: int, step: int, meters: Dict[str, AverageMet
 def _write_checkpoint(trainer, prefix: str, state: dict) -> str:
     """The EMA and state files, then the .pdparams; return the .pdparams path."""
     if trainer.ema is not None:
-        _write_atomically(trainer.ema.module.state_dict(), prefix + '-EMA.pdparams')
-    _write_atomically(state, prefix + '.pdopt')
-    _write_atomically(trainer.model.state_dict(), prefix + '.pdparams')
+        fileio.save(trainer.ema.module.state_dict(), prefix + '-EMA.pdparams')
+    fileio.save(state, prefix + '.pdopt')
+    fileio.save(trainer.model.state_dict(), prefix + '.pdparams')
     return prefix + '.pdparams'
 
 
@@ -215,7 +201,7 @@ def save_best(trainer, epoch: int, acc1: float) -> None:
     trainer.best_acc1 = acc1
     if trainer.rank == 0:
         path = best_path(trainer.config)
-        _write_atomically(trainer.model.state_dict(), path)
+        fileio.save(trainer.model.state_dict(), path)
         trainer.logger.info(f'----- best Acc@1 so far ({acc1:.4f}, epoch {epoch}): saved {path}', extra=FILE_ONLY)
 
 
@@ -310,17 +296,20 @@ def read_checkpoint(params_path: str) -> Checkpoint:
     loaded = {}
     for path in (params_path, state_path):
         try:
-            loaded[path] = paddle.load(path)
-        except Exception as err:  # noqa: BLE001  (pickle and Paddle signal a torn file many ways)
-            raise UnreadableCheckpoint(f'{path}: cannot be loaded ({type(err).__name__}: {err})') from None
+            loaded[path] = fileio.load(path)
+        except fileio.UnsafeFileError:
+            raise  # not torn but hostile: the run stops
+        except (fileio.FileFormatError, OSError) as err:
+            raise UnreadableCheckpoint(str(err)) from None
     state = loaded[state_path]
     ema_path = prefix + '-EMA.pdparams'
     if isinstance(state, dict) and state.get('ema'):
         try:
-            paddle.load(ema_path)
-        except Exception as err:  # noqa: BLE001
-            raise UnreadableCheckpoint(f'{ema_path}: missing or cannot be loaded '
-                                       f'({type(err).__name__}: {err})') from None
+            fileio.load(ema_path)
+        except fileio.UnsafeFileError:
+            raise
+        except (fileio.FileFormatError, OSError) as err:
+            raise UnreadableCheckpoint(f'{ema_path}: missing or cannot be loaded ({err})') from None
     return Checkpoint(prefix, state, ema_path if os.path.isfile(ema_path) else None)
 
 

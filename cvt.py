@@ -32,6 +32,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 import fast_paths
+import fileio
 
 # The official init is timm's trunc_normal_(std=0.02), truncated at +-2 absolute
 # (100 std): a plain normal in effect. Paddle's TruncatedNormal truncates at +-2
@@ -440,28 +441,28 @@ def set_fast_paths(model: nn.Layer, enabled: bool = True, fused_attention: Optio
 
 
 HEAD_KEYS = ('head.weight', 'head.bias')
+WEIGHTS_SUFFIXES = ('.pdparams', fileio.SAFETENSORS_SUFFIX)
 
 
 def resolve_weights_path(path: str) -> str:
-    """PaddleViT style: `path` may omit the `.pdparams` suffix."""
-    for candidate in (path, path + '.pdparams'):
+    """PaddleViT style: `path` may omit the `.pdparams` (or `.safetensors`) suffix."""
+    for candidate in (path,) + tuple(path + suffix for suffix in WEIGHTS_SUFFIXES):
         if os.path.isfile(candidate):
             return candidate
-    raise FileNotFoundError(f'weights file not found: {path} (nor {path}.pdparams)')
+    raise FileNotFoundError(f'weights file not found: {path} (nor {path}.pdparams, {path}.safetensors)')
 
 
 def load_pretrained(model: nn.Layer, path: str, log=print, allow_other_head: bool = True) -> List[str]:
-    """Load weights from `path` into `model`, strictly.
+    """Load weights from `path` (.pdparams or .safetensors) into `model`, strictly.
 
-    A classifier head of another size (another NUM_CLASSES) is left out with one
-    message (with `allow_other_head`; else it is an error like any other); any
-    other missing, unexpected or mis-shaped key is a ValueError that lists them.
-    Returns the keys left out.
+    The file is read without running code (fileio.load): a pickle that asks for
+    anything but tensors is refused. A classifier head of another size (another
+    NUM_CLASSES) is left out with one message (with `allow_other_head`; else it
+    is an error like any other); any other missing, unexpected or mis-shaped key
+    is a ValueError that lists them. Returns the keys left out.
     """
     path = resolve_weights_path(path)
-    state = paddle.load(path)
-    if not isinstance(state, dict):
-        raise ValueError(f'{path}: not a state dict of weights')
+    state = fileio.load_state_dict(path)
     own = model.state_dict()
     shape = lambda t: tuple(int(s) for s in t.shape)
     skipped = [k for k in HEAD_KEYS if allow_other_head and k in state

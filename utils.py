@@ -7,6 +7,7 @@ import sys
 from typing import Callable, NoReturn, Optional
 
 from config import ConfigError
+from fileio import FileFormatError, OutputError
 
 
 class UsageError(Exception):
@@ -43,7 +44,7 @@ class _DestinationFilter(logging.Filter):
 
 
 # errors that the entry points report in one line (exit code 2), without a traceback
-USAGE_ERRORS = (UsageError, ConfigError, FileNotFoundError, NotADirectoryError)
+USAGE_ERRORS = (UsageError, ConfigError, FileFormatError, OutputError, FileNotFoundError, NotADirectoryError)
 
 
 def get_arguments(description: str) -> argparse.Namespace:
