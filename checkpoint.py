@@ -40,6 +40,10 @@ TRAIN_STATE_FORMAT = 'cvt-train-state/1'
 BATCHNORM_STATISTICS = ('._mean', '._variance')
 AUTO = 'auto'  # -resume auto
 # <TYPE>-Epoch-<N>-Loss-<loss> or <TYPE>-Epoch-<N>-Step-<S>, without the extension
+# the files of one checkpoint, in the order of deletion (the .pdparams marks it whole)
+CHECKPOINT_SUFFIXES = ('.pdparams', '.pdopt', '-EMA.pdparams', '.safetensors', '-EMA.safetensors')
+# the files besides the .pdparams, longest first (-EMA.safetensors before .safetensors)
+_COMPANION_SUFFIXES = sorted(CHECKPOINT_SUFFIXES[1:], key=len, reverse=True)
 NAME_TAIL = re.compile(r'-Epoch-(\d+)-(?:Loss-[\d.]+|Step-(\d+))$')
 
 
@@ -161,12 +165,19 @@ def _training_state(trainer, epoch: int, step: int, meters: Dict[str, AverageMet
     }
 
 
+def _write_weights(config, weights: Dict[str, paddle.Tensor], stem: str) -> None:
+    """`stem`.pdparams, after `stem`.safetensors with SAVE_SAFETENSORS."""
+    if config.SAVE_SAFETENSORS:
+        fileio.save_safetensors(weights, stem + fileio.SAFETENSORS_SUFFIX)
+    fileio.save(weights, stem + '.pdparams')
+
+
 def _write_checkpoint(trainer, prefix: str, state: dict) -> str:
     """The EMA and state files, then the .pdparams; return the .pdparams path."""
     if trainer.ema is not None:
-        fileio.save(trainer.ema.module.state_dict(), prefix + '-EMA.pdparams')
+        _write_weights(trainer.config, trainer.ema.module.state_dict(), prefix + '-EMA')
     fileio.save(state, prefix + '.pdopt')
-    fileio.save(trainer.model.state_dict(), prefix + '.pdparams')
+    _write_weights(trainer.config, trainer.model.state_dict(), prefix)
     return prefix + '.pdparams'
 
 
@@ -201,7 +212,7 @@ def save_best(trainer, epoch: int, acc1: float) -> None:
     trainer.best_acc1 = acc1
     if trainer.rank == 0:
         path = best_path(trainer.config)
-        fileio.save(trainer.model.state_dict(), path)
+        _write_weights(trainer.config, trainer.model.state_dict(), path[:-len('.pdparams')])
         trainer.logger.info(f'----- best Acc@1 so far ({acc1:.4f}, epoch {epoch}): saved {path}', extra=FILE_ONLY)
 
 
@@ -229,7 +240,7 @@ def list_checkpoints(folder: str, model_type: str) -> List[str]:
 
 def _delete(prefix: str) -> None:
     """Remove a checkpoint, its .pdparams first so that it is never seen half removed."""
-    for suffix in ('.pdparams', '.pdopt', '-EMA.pdparams'):
+    for suffix in CHECKPOINT_SUFFIXES:
         if os.path.exists(prefix + suffix):
             os.remove(prefix + suffix)
 
@@ -276,7 +287,7 @@ def prune(config, newest: str) -> None:
         for prefix in epoch_checkpoints[kept:]:
             _delete(prefix)
     for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(model_type) + '-Epoch-*')):
-        suffix = next((s for s in ('-EMA.pdparams', '.pdopt') if path.endswith(s)), None)
+        suffix = next((s for s in _COMPANION_SUFFIXES if path.endswith(s)), None)
         prefix = path[:-len(suffix)] if suffix else None
         if prefix and not os.path.exists(prefix + '.pdparams') and (_progress(prefix) or position) < position:
             _delete(prefix)  # the companions of a save killed before its .pdparams

@@ -127,6 +127,7 @@ _C.SAVE = './output'
 _C.TAG = 'default'
 _C.SAVE_FREQ = 1  # epochs between checkpoints
 _C.SAVE_STEP_FREQ = 0  # optimizer steps between mid-epoch checkpoints (each replaces the last); 0: none
+_C.SAVE_SAFETENSORS = False  # also write each checkpoint's weights as .safetensors (no pickle)
 _C.KEEP_CHECKPOINTS = 0  # epoch checkpoints kept, the newest (besides <TYPE>-best.pdparams); 0: all
 _C.REPORT_FREQ = 50  # steps between log lines
 _C.VALIDATE_FREQ = 10  # epochs between validations

@@ -25,7 +25,6 @@ process (each loader worker warns on its own).
 
 import math
 import os
-import pickle
 import tarfile
 import warnings
 from typing import Callable, List, Optional, Sequence, Set, Tuple, Union
@@ -34,6 +33,7 @@ import numpy as np
 import paddle
 from PIL import Image
 
+import fileio
 from preemption import loader_worker_init
 from transforms import build_train_transforms, build_val_transforms
 
@@ -248,11 +248,14 @@ def read_cifar(data_path: str, dataset: str, mode: str) -> Tuple[np.ndarray, Lis
         parts = ['train'] if mode == 'train' else ['test']
     try:
         with tarfile.open(archive, 'r:gz') as tar:
-            def unpickle(name):
-                return pickle.load(tar.extractfile(f'{folder}/{name}'), encoding='bytes')
+            def unpickle(name):  # arrays, lists and bytes only: the archive may come from anywhere
+                member = f'{folder}/{name}'
+                return fileio.unpickle(tar.extractfile(member), f'{archive}:{member}', encoding='bytes')
             classes = [name.decode() for name in unpickle(meta)[names_key]]
             batches = [unpickle(part) for part in parts]
-    except (tarfile.TarError, KeyError, EOFError, OSError, pickle.UnpicklingError) as err:
+    except fileio.UnsafeFileError:
+        raise
+    except (tarfile.TarError, KeyError, EOFError, OSError, fileio.FileFormatError) as err:
         raise ValueError(f'{archive}: not the python-version {dataset} archive ({err})') from None
     data = np.concatenate([batch[b'data'] for batch in batches])
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()

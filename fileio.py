@@ -15,6 +15,7 @@ renames it: a reader, or a process killed meanwhile, never sees half a file,
 and a failed write leaves nothing behind.
 """
 
+import _compat_pickle
 import codecs
 import collections
 import os
@@ -86,6 +87,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.persistent = persistent
 
     def find_class(self, module: str, name: str):
+        # Python 2 pickles (the CIFAR archives) name builtins as Python 2 did
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         found = self.allowed.get((module, name))
         if found is None:
             raise UnsafeFileError(

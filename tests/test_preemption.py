@@ -38,9 +38,10 @@ sys.path.insert(0, {root!r})
 import runtime
 runtime.configure()  # before paddle, as the entry points do
 import checkpoint
+import fileio
 
 kill_after_step, signal_name, kill_in_write = {kill_after_step!r}, {signal_name!r}, {kill_in_write!r}
-after_optimizer_step, write_atomically = checkpoint.after_optimizer_step, checkpoint._write_atomically
+after_optimizer_step, save = checkpoint.after_optimizer_step, fileio.save
 
 def hooked_step(trainer, epoch, step, meters):
     after_optimizer_step(trainer, epoch, step, meters)
@@ -52,9 +53,9 @@ def hooked_write(obj, path):
         import paddle
         paddle.save(obj, path + '.tmp' + str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
-    write_atomically(obj, path)
+    save(obj, path)
 
-checkpoint.after_optimizer_step, checkpoint._write_atomically = hooked_step, hooked_write
+checkpoint.after_optimizer_step, fileio.save = hooked_step, hooked_write
 sys.argv = ['main_single_gpu.py', *{args!r}]
 runpy.run_path(os.path.join({root!r}, 'main_single_gpu.py'), run_name='__main__')
 '''

@@ -1,26 +1,29 @@
-"""Convert official microsoft/CvT or Hugging Face CvT weights to this project's `.pdparams`.
+"""Convert CvT weights to this project's layout, as `.pdparams` or `.safetensors`.
 
     python tools/convert_weights.py SRC DST.pdparams -cfg configs/cvt-13-224x224.yaml
+    python tools/convert_weights.py SRC DST.safetensors -cfg configs/cvt-13-224x224.yaml
 
 SRC is one of
   * an official PyTorch checkpoint (`.pth`): a state dict, bare or under
     'state_dict' / 'model', keys possibly prefixed 'module.';
   * a Hugging Face `CvtForImageClassification` checkpoint: `model.safetensors`
-    (read without PyTorch), `pytorch_model.bin`, or the folder holding either.
+    (read without PyTorch), `pytorch_model.bin`, or the folder holding either;
+  * weights in this project's (PaddleViT's) layout, `.pdparams` or `.safetensors`:
+    a `.pdparams` from elsewhere is read without running code, so converting it
+    to `.safetensors` once gives a file that any tool can load safely.
 
 Names are mapped onto PaddleViT's layout, BatchNorm step counters dropped and
 Linear weights transposed to Paddle's [in, out]. The result is checked against
 the model that -cfg builds: a source tensor with no place in it, a model
 weight left unfilled or a shape that disagrees stops the conversion with one
 line naming the keys (exit code 2), and nothing is written. The output is
-written atomically.
+written atomically; its suffix picks the format.
 """
 
 import argparse
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -34,6 +37,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 import paddle.nn as nn  # noqa: E402
 
+import fileio  # noqa: E402
 from config import ConfigError, get_config  # noqa: E402
 from cvt import build_cvt  # noqa: E402
 from utils import add_opts_argument  # noqa: E402
@@ -95,12 +99,15 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
     return {str(k): _torch_to_numpy(v) for k, v in state.items()}
 
 
-def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+def _read_with_fileio(path: str) -> Dict[str, np.ndarray]:
+    """A .safetensors file, or a Paddle .pdparams read without running code."""
     try:
-        return load_file(path)
-    except Exception as err:  # safetensors raises its own error types
-        raise ConversionError(f'{path}: not a readable safetensors file ({err})') from None
+        state = fileio.load(path, return_numpy=True)
+    except fileio.FileFormatError as err:
+        raise ConversionError(str(err)) from None
+    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
+        raise ConversionError(f'{path}: not a state dict of weights')
+    return state
 
 
 def read_checkpoint(path: str) -> Dict[str, np.ndarray]:
@@ -114,12 +121,12 @@ def read_checkpoint(path: str) -> Dict[str, np.ndarray]:
         path = found[0]  # safetensors first: it needs no torch
     if not os.path.isfile(path):
         raise ConversionError(f'{path}: no such file or folder')
-    if path.endswith('.safetensors'):
-        state = _read_safetensors(path)
+    if path.endswith(('.safetensors', '.pdparams')):
+        state = _read_with_fileio(path)
     elif path.endswith(TORCH_SUFFIXES):
         state = _read_torch(path)
     else:
-        raise ConversionError(f'{path}: unknown checkpoint type (expected .safetensors, '
+        raise ConversionError(f'{path}: unknown checkpoint type (expected .safetensors, .pdparams, '
                               f'{", ".join(TORCH_SUFFIXES)} or a Hugging Face folder)')
     if state and all(k.startswith('module.') for k in state):
         state = {k[len('module.'):]: v for k, v in state.items()}
@@ -156,6 +163,11 @@ def _replace_prefix(name: str, table: Mapping[str, str]) -> Optional[str]:
         if name.startswith(old) and '.' not in name[len(old):]:
             return new + name[len(old):]
     return None
+
+
+def is_paddle_layout(names: Iterable[str]) -> bool:
+    """True when the names are already this project's (PaddleViT's): `stages.<i>.`, not `stage<i>.`."""
+    return any(name.startswith('stages.') for name in names)
 
 
 def is_hf_layout(names: Iterable[str]) -> bool:
@@ -221,9 +233,9 @@ def layout_of(model: nn.Layer) -> TargetLayout:
 
 
 def convert_state_dict(source: Mapping[str, np.ndarray], layout: TargetLayout) -> Dict[str, np.ndarray]:
-    """Official or Hugging Face CvT tensors -> this project's state dict, checked
-    against `layout`; raises ConversionError naming unmapped, unfilled or mis-shaped keys."""
-    hf = is_hf_layout(source)
+    """Official, Hugging Face or this project's CvT tensors -> this project's state dict,
+    checked against `layout`; raises ConversionError naming unmapped, unfilled or mis-shaped keys."""
+    hf, ours = is_hf_layout(source), is_paddle_layout(source)
     converted: Dict[str, np.ndarray] = {}
     origin: Dict[str, str] = {}
     unmapped: List[str] = []
@@ -233,15 +245,16 @@ def convert_state_dict(source: Mapping[str, np.ndarray], layout: TargetLayout) -
             if not src_name.endswith('.num_batches_tracked'):
                 unmapped.append(src_name)
             continue
-        name = official_to_paddle(official)
+        name = official if ours else official_to_paddle(official)
         if name is None:
             continue
         if name not in layout.shapes or name in converted:
             unmapped.append(src_name)
             continue
-        converted[name] = array.T if name in layout.linear_weights and array.ndim == 2 else array
+        transposed = not ours and name in layout.linear_weights and array.ndim == 2
+        converted[name] = array.T if transposed else array
         origin[name] = src_name
-    kind = 'Hugging Face' if hf else 'official'
+    kind = 'Hugging Face' if hf else 'this project\'s' if ours else 'official'
     if unmapped:
         raise ConversionError(f'{len(unmapped)} {kind} tensors have no place in the model: '
                               f'{_listing(unmapped)}')
@@ -255,21 +268,12 @@ def convert_state_dict(source: Mapping[str, np.ndarray], layout: TargetLayout) -
     return {k: np.ascontiguousarray(converted[k], dtype=layout.dtypes[k]) for k in layout.shapes}
 
 
-def save_atomically(state: Mapping[str, np.ndarray], path: str) -> None:
-    """paddle.save `state` (as tensors) to `path` via a temporary file in the same folder,
-    so `path` never holds a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    os.close(fd)  # paddle.save takes a path (or BytesIO), not an open file
-    try:
-        paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def save(state: Mapping[str, np.ndarray], path: str) -> None:
+    """Write `state` to `path` atomically: safetensors for a `.safetensors` path, else paddle.save."""
+    if path.endswith(fileio.SAFETENSORS_SUFFIX):
+        fileio.save_safetensors(state, path)
+    else:
+        fileio.save({k: paddle.to_tensor(v) for k, v in state.items()}, path)
 
 
 def convert(src: str, dst: str, cfg: str, opts: Sequence[str] = ()) -> int:
@@ -278,11 +282,13 @@ def convert(src: str, dst: str, cfg: str, opts: Sequence[str] = ()) -> int:
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise ConversionError(f'{dst}: folder {folder} does not exist')
+    if os.path.isdir(dst):
+        raise ConversionError(f'{dst}: is a folder; give the output file\'s name (.pdparams or .safetensors)')
     config = get_config(cfg, opts)
     with paddle.LazyGuard():  # shapes only: no memory or time spent on weights
         layout = layout_of(build_cvt(config))
     state = convert_state_dict(read_checkpoint(src), layout)
-    save_atomically(state, dst)
+    save(state, dst)
     return len(state)
 
 
@@ -290,13 +296,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('src', help='official .pth, Hugging Face model.safetensors / '
                                     'pytorch_model.bin, or the folder holding one')
-    parser.add_argument('dst', help='output .pdparams')
+    parser.add_argument('dst', help='output .pdparams or .safetensors')
     parser.add_argument('-cfg', required=True, help='config yaml of the model the weights are for')
     add_opts_argument(parser)
     args = parser.parse_args(argv)
     try:
         count = convert(args.src, args.dst, args.cfg, args.opts or ())
-    except (ConversionError, ConfigError) as err:
+    except (ConversionError, ConfigError, fileio.OutputError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     print(f'wrote {args.dst}: {count} tensors for {args.cfg}')
