@@ -6,7 +6,9 @@ slower than the memory traffic allows, and its convolution runs a small GEMM per
 image; on a CvT they cost as much as all the matrix products.
 This module compiles the C file once per machine and instruction set (about
 two seconds; the library is cached under ``CVT_CACHE_DIR``, default
-``~/.cache/cvt-paddle``), loads it with ctypes and wraps each kernel in a
+``~/.cache/cvt-paddle``, created private; a cache folder or library that another
+user could have written is never loaded from: the kernels are then built in a
+fresh private folder), loads it with ctypes and wraps each kernel in a
 ``PyLayer`` with its hand-written backward.
 
 Builds: ``avx512`` (``-march=x86-64-v4``) on CPUs with AVX-512 F/CD/BW/DQ/VL,
@@ -26,6 +28,7 @@ import ctypes
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -109,17 +112,67 @@ def _paddle_openmp() -> Optional[str]:
 
 
 def _cache_dir() -> str:
-    """CVT_CACHE_DIR, else ~/.cache/cvt-paddle, else (a home that cannot be written) the temp folder."""
-    if 'CVT_CACHE_DIR' in os.environ:
-        return os.environ['CVT_CACHE_DIR']
-    home_cache = os.path.join(os.path.expanduser('~'), '.cache', 'cvt-paddle')
+    """CVT_CACHE_DIR, else ~/.cache/cvt-paddle (created private where it is missing)."""
+    folder = os.environ.get('CVT_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'cvt-paddle')
     try:
-        os.makedirs(home_cache, exist_ok=True)
-        if os.access(home_cache, os.W_OK):
-            return home_cache
+        os.makedirs(folder, mode=0o700, exist_ok=True)
     except OSError:
-        pass
-    return os.path.join(tempfile.gettempdir(), f'cvt-paddle-{os.getuid()}')
+        pass  # `_untrusted_reason` reports it
+    return folder
+
+
+def _untrusted_reason(path: str, is_folder: bool) -> Optional[str]:
+    """Why a library at (or a folder of libraries at) `path` must not be loaded from,
+    or None: it must be ours, a plain file or folder, and writable by nobody else,
+    and so must be every folder above it (a folder others may write, such as /tmp,
+    is fine above it only with the sticky bit, which keeps them from renaming it)."""
+    try:
+        info = os.lstat(path)
+    except OSError as err:
+        return f'{path} cannot be used ({err.strerror})'
+    kind = stat.S_ISDIR if is_folder else stat.S_ISREG
+    if not kind(info.st_mode):
+        return f'{path} is not a {"folder" if is_folder else "plain file"}'
+    if info.st_uid != os.getuid():
+        return f'{path} belongs to another user (uid {info.st_uid})'
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f'{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})'
+    parent = os.path.dirname(os.path.abspath(path))
+    while True:
+        above = os.stat(parent)
+        shared = above.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not above.st_mode & stat.S_ISVTX
+        if above.st_uid not in (0, os.getuid()) or shared:
+            return f'{parent}, above {path}, can be changed by other users'
+        if parent == os.path.dirname(parent):
+            return None
+        parent = os.path.dirname(parent)
+
+
+def library_name(isa: str, compiler: str) -> str:
+    """The cached library's file name: a new one whenever the source, flags, compiler or
+    Paddle's OpenMP runtime change."""
+    with open(_SOURCE, 'rb') as source:
+        key = hashlib.sha256(source.read() + ' '.join(_FLAGS + [ISA_FLAGS[isa]]).encode()
+                             + compiler.encode() + str(_paddle_openmp()).encode())
+    return f'cpu_kernels-{isa}-{key.hexdigest()[:16]}.so'
+
+
+def _library_path(name: str) -> Tuple[str, Optional[str]]:
+    """Where the library `name` is (or is to be built) for this process, and the fresh
+    folder made for it (to remove once it is loaded), if any: the cache folder when
+    only this user can write it, else a fresh private folder (with one warning). A
+    library in the cache that others could have written is removed, not loaded."""
+    folder = _cache_dir()
+    reason = _untrusted_reason(folder, is_folder=True)
+    if reason is None:
+        path = os.path.join(folder, name)
+        if os.path.lexists(path) and _untrusted_reason(path, is_folder=False) is not None:
+            os.remove(path)  # the folder is ours: build it again
+        return path, None
+    fresh = tempfile.mkdtemp(prefix='cvt-kernels-')  # 0700, an unpredictable name
+    warnings.warn(f'cpu_kernels: not using the cache: {reason}; building the kernels in a fresh private '
+                  f'folder (set CVT_CACHE_DIR to a folder that only you can write)')
+    return os.path.join(fresh, name), fresh
 
 
 def _compile(compiler: str, isa: str, output: str) -> None:
@@ -142,6 +195,7 @@ def _compile(compiler: str, isa: str, output: str) -> None:
                 '-Wl,-z,defs', '-lm')
         except (OSError, subprocess.CalledProcessError):
             run('-shared', '-fopenmp', objects, '-o', partial, '-lm')
+        os.chmod(partial, 0o700)  # writable by us alone, whatever the umask
         os.replace(partial, output)
     finally:
         for leftover in (partial, objects):
@@ -199,11 +253,9 @@ def load() -> Optional[ctypes.CDLL]:
         if compiler is None:
             warnings.warn('cpu_kernels: no C compiler (cc) found; using Paddle\'s slower CPU ops')
             return None
-        with open(_SOURCE, 'rb') as source:
-            key = hashlib.sha256(source.read() + ' '.join(_FLAGS + [ISA_FLAGS[isa]]).encode()
-                                 + compiler.encode() + str(_paddle_openmp()).encode())
-        output = os.path.join(_cache_dir(), f'cpu_kernels-{isa}-{key.hexdigest()[:16]}.so')
+        fresh = None
         try:
+            output, fresh = _library_path(library_name(isa, compiler))
             if not os.path.isfile(output):
                 _compile(compiler, isa, output)
             library = ctypes.CDLL(output)
@@ -213,6 +265,9 @@ def load() -> Optional[ctypes.CDLL]:
             warnings.warn(f'cpu_kernels: could not build {_SOURCE} ({detail.strip()[:300]}); '
                           'using Paddle\'s slower CPU ops')
             return None
+        finally:
+            if fresh is not None:
+                shutil.rmtree(fresh, ignore_errors=True)  # a loaded library needs no file
         threads = int(os.environ.get('MKL_NUM_THREADS', usable_cores()))
         library.cvt_set_threads(threads)
         _library, _isa, _threads = library, isa, threads

@@ -434,6 +434,59 @@ def test_library_is_built_once_into_the_cache(tmp_path):
     assert os.listdir(tmp_path) == built and os.path.getmtime(tmp_path / built[0]) == stamp
 
 
+PLANTED = r'''
+#include <stdio.h>
+__attribute__((constructor)) static void planted(void) { fclose(fopen("%s", "w")); }
+'''
+
+
+def plant_library(folder, marker) -> str:
+    """A library under the cache's own name whose constructor writes `marker` when loaded."""
+    compiler = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
+    name = cpu_kernels.library_name(cpu_kernels.selected_isa(), compiler)
+    source = os.path.join(str(folder), 'planted.c')
+    with open(source, 'w') as out:
+        out.write(PLANTED % marker)
+    subprocess.run([compiler, '-shared', '-fPIC', source, '-o', os.path.join(str(folder), name)], check=True)
+    os.remove(source)
+    return os.path.join(str(folder), name)
+
+
+@needs_kernels
+@pytest.mark.parametrize('how', ['folder writable by others', 'library writable by others',
+                                 'folder of another user'])
+def test_a_library_others_could_have_planted_is_never_loaded(tmp_path, how):
+    cache, marker = tmp_path / 'cache', tmp_path / 'planted-code-ran'
+    cache.mkdir(mode=0o700)
+    library = plant_library(cache, marker)
+    if how == 'folder writable by others':
+        os.chmod(cache, 0o777)
+    elif how == 'library writable by others':
+        os.chmod(library, 0o777)
+    else:
+        if os.getuid() != 0:
+            pytest.skip('giving a folder to another user needs root')
+        os.chown(cache, 12345, 12345)
+    result = run_python(SMALL_MODEL_RUN, CVT_CACHE_DIR=str(cache))
+    assert result.returncode == 0, result.stderr
+    assert 'kernels True' in result.stdout  # built afresh
+    assert not marker.exists()
+    if how == 'library writable by others':  # our own private folder: the library is replaced in it
+        assert 'UserWarning' not in result.stderr and os.stat(library).st_mode & 0o077 == 0
+    else:
+        assert result.stderr.count('UserWarning: cpu_kernels: not using the cache') == 1
+        assert os.path.exists(library)  # left alone: not ours to remove
+
+
+@needs_kernels
+def test_the_cache_folder_is_created_private(tmp_path):
+    cache = tmp_path / 'new' / 'cache'
+    result = run_python(SMALL_MODEL_RUN, CVT_CACHE_DIR=str(cache))
+    assert 'kernels True' in result.stdout, result.stderr
+    assert os.stat(cache).st_mode & 0o777 == 0o700
+    assert all(os.stat(cache / name).st_mode & 0o077 == 0 for name in os.listdir(cache))
+
+
 @needs_kernels
 def test_frozen_inputs_get_no_gradient():
     """A PyLayer must return None for inputs that want no gradient (frozen weights,
