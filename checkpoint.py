@@ -23,8 +23,10 @@ the saved step (`datasets.set_epoch`).
 """
 
 import glob
+import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -34,11 +36,17 @@ import paddle.distributed as dist
 
 import cvt
 import fileio
+from config import PER_STAGE_KEYS
 from utils import FILE_ONLY, AverageMeter, TrainingStopped, UsageError
 
 TRAIN_STATE_FORMAT = 'cvt-train-state/1'
 BATCHNORM_STATISTICS = ('._mean', '._variance')
 AUTO = 'auto'  # -resume auto
+# the settings that define a run: a checkpoint of other settings is another run's
+RUN_KEYS = ('SEED', 'DATA.DATASET', 'DATA.IMAGE_SIZE', 'MODEL.NUM_CLASSES', 'MODEL.NUM_STAGES', 'MODEL.INIT',
+            *(f'MODEL.{key}' for key in PER_STAGE_KEYS), 'TRAIN.NUM_EPOCHS', 'TRAIN.WARMUP_EPOCHS',
+            'TRAIN.BASE_LR', 'TRAIN.WARMUP_START_LR', 'TRAIN.END_LR', 'TRAIN.WEIGHT_DECAY',
+            'TRAIN.LINEAR_SCALED_LR', 'TRAIN.OPTIMIZER.NAME', 'TRAIN.LR_SCHEDULER.NAME')
 # <TYPE>-Epoch-<N>-Loss-<loss> or <TYPE>-Epoch-<N>-Step-<S>, without the extension
 # the files of one checkpoint, in the order of deletion (the .pdparams marks it whole)
 CHECKPOINT_SUFFIXES = ('.pdparams', '.pdopt', '-EMA.pdparams', '.safetensors', '-EMA.safetensors')
@@ -162,6 +170,7 @@ def _training_state(trainer, epoch: int, step: int, meters: Dict[str, AverageMet
         'scaler': trainer.scaler.state_dict(),
         'ema': trainer.ema is not None,
         'global_batch_size': trainer.global_batch_size,
+        'run': run_settings(trainer.config),
     }
 
 
@@ -205,15 +214,43 @@ def save_step_checkpoint(trainer, epoch: int, step: int, meters: Dict[str, Avera
     return path
 
 
+def best_record_path(config) -> str:
+    return os.path.join(config.SAVE, f'{config.MODEL.TYPE}-best.json')
+
+
+def read_best_record(config) -> Optional[dict]:
+    """The run settings, epoch and top-1 of <TYPE>-best.pdparams, or None (no record)."""
+    try:
+        with open(best_record_path(config)) as infile:
+            record = json.load(infile)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def save_best(trainer, epoch: int, acc1: float) -> None:
-    """Keep the weights of the best validation top-1 so far as <TYPE>-best.pdparams."""
+    """Keep the weights of the best validation top-1 so far as <TYPE>-best.pdparams, with
+    <TYPE>-best.json naming the run, epoch and top-1: they are replaced only by a better
+    epoch of the same run."""
     if trainer.best_acc1 is not None and acc1 <= trainer.best_acc1:
         return
     trainer.best_acc1 = acc1
-    if trainer.rank == 0:
-        path = best_path(trainer.config)
-        _write_weights(trainer.config, trainer.model.state_dict(), path[:-len('.pdparams')])
-        trainer.logger.info(f'----- best Acc@1 so far ({acc1:.4f}, epoch {epoch}): saved {path}', extra=FILE_ONLY)
+    if trainer.rank != 0:
+        return
+    config, settings = trainer.config, run_settings(trainer.config)
+    record = read_best_record(config)
+    if record is not None and (record.get('run') != settings or acc1 <= record.get('acc1', -1.0)):
+        return  # the file holds a better epoch of this run (resumed from an earlier point), or another run's
+    path = best_path(config)
+    _write_weights(config, trainer.model.state_dict(), path[:-len('.pdparams')])
+    record = json.dumps({'run': settings, 'epoch': epoch, 'acc1': acc1}, indent=1)
+    fileio.write_atomically(best_record_path(config), lambda temporary: _write_text(temporary, record))
+    trainer.logger.info(f'----- best Acc@1 so far ({acc1:.4f}, epoch {epoch}): saved {path}', extra=FILE_ONLY)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, 'w') as out:
+        out.write(text)
 
 
 # ------------------------------------------------------------------ finding and pruning
@@ -295,6 +332,132 @@ def prune(config, newest: str) -> None:
 
 
 # ------------------------------------------------------------------ reading and resuming
+
+def run_settings(config) -> Dict[str, object]:
+    """The settings that define a training run (model, data, schedule, seed), as recorded
+    in its checkpoints: a checkpoint whose settings differ belongs to another run."""
+    settings = {}
+    for key in RUN_KEYS:
+        node = config
+        for part in key.split('.'):
+            node = node[part]
+        settings[key] = list(node) if isinstance(node, (list, tuple)) else node
+    return settings
+
+
+def settings_differences(recorded: Dict[str, object], current: Dict[str, object]) -> List[str]:
+    """'KEY: A in the checkpoint, B now' for each run setting that differs."""
+    return [f'{key} {recorded.get(key)!r} there, {value!r} now' for key, value in current.items()
+            if recorded.get(key) != value]
+
+
+def holds_a_run(config) -> List[str]:
+    """The checkpoint and best-weights files of a training run in SAVE, if any."""
+    found = [prefix + '.pdparams' for prefix in list_checkpoints(config.SAVE, config.MODEL.TYPE)]
+    return found + [path for path in (best_path(config), best_record_path(config)) if os.path.isfile(path)]
+
+
+def check_output_folder(config) -> None:
+    """Before anything is written: SAVE can hold this run's files, and a new run (no
+    -resume) does not land in the folder of another; cheap (no file is read)."""
+    save = config.SAVE
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise UsageError(f'-output {save}: is a file, not a folder')
+    try:
+        os.makedirs(save, exist_ok=True)
+        with tempfile.TemporaryFile(dir=save):
+            pass
+    except OSError as err:
+        raise UsageError(f'-output {save}: cannot write into it ({err.strerror or err})') from None
+    if config.EVAL:
+        return
+    if config.OVERWRITE and config.MODEL.RESUME:
+        raise UsageError('-overwrite starts a new run and -resume continues one: give one of them')
+    if config.MODEL.RESUME == AUTO:
+        return  # plan_run reads the checkpoints and checks that they are this run's
+    found = holds_a_run(config)
+    own = config.MODEL.RESUME and os.path.dirname(os.path.abspath(config.MODEL.RESUME)) == os.path.abspath(save)
+    if found and not config.OVERWRITE and not own:
+        raise UsageError(f'-output {save} already holds the files of a training run ({os.path.basename(found[0])}'
+                         f'{f" and {len(found) - 1} more" if len(found) > 1 else ""}): continue it with '
+                         f'-resume auto, write this run elsewhere with -output DIR, or replace it with -overwrite')
+
+
+@dataclass
+class RunPlan:
+    """Where a training run starts, decided before anything is written: `checkpoint` to
+    resume from (or None), `stale` files to delete (-overwrite), `notes` to log, and
+    `finished`, the one line of a run that is already complete (nothing to do)."""
+    checkpoint: Optional[Checkpoint] = None
+    stale: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    finished: Optional[str] = None
+
+
+def plan_run(config) -> RunPlan:
+    """Read what -resume (or -overwrite) asks for and check it against this run's settings;
+    UsageError for a -resume auto checkpoint of another run."""
+    plan = RunPlan()
+    settings = run_settings(config)
+    if config.OVERWRITE:
+        plan.stale = holds_a_run(config)
+        return plan
+    if not config.MODEL.RESUME:
+        return plan
+    if config.MODEL.RESUME == AUTO:
+        for prefix in list_checkpoints(config.SAVE, config.MODEL.TYPE):
+            try:
+                plan.checkpoint = read_checkpoint(prefix + '.pdparams')
+                break
+            except UnreadableCheckpoint as err:
+                plan.notes.append(f'-resume auto: skipping {os.path.basename(prefix)}, it is not whole: {err}')
+        if plan.checkpoint is None:
+            record = read_best_record(config)
+            if record is not None and record.get('run') != settings:
+                raise UsageError(f'-resume auto: {best_path(config)} is another run\'s (settings differ: '
+                                 f'{"; ".join(settings_differences(record.get("run") or {}, settings))}); '
+                                 f'write this run elsewhere with -output DIR, or replace it with -overwrite')
+            plan.notes.append(f'-resume auto: no checkpoint in {config.SAVE}, training from scratch')
+            return plan
+    else:
+        try:
+            plan.checkpoint = read_checkpoint(cvt.resolve_weights_path(config.MODEL.RESUME))
+        except (UnreadableCheckpoint, FileNotFoundError) as err:
+            raise UsageError(f'-resume: {err}') from None
+    state, name = plan.checkpoint.state, plan.checkpoint.prefix + '.pdparams'
+    recorded = state.get('run') if isinstance(state, dict) else None
+    if recorded is None:
+        plan.notes.append(f'note: {name} records no run settings (written by an earlier version or by '
+                          f'PaddleViT): not checked against this run\'s')
+    elif recorded != settings:
+        differences = '; '.join(settings_differences(recorded, settings))
+        if config.MODEL.RESUME == AUTO:
+            raise UsageError(f'-resume auto: {name} is another run\'s (settings differ: {differences}); continue '
+                             f'it with its own settings, write this run elsewhere with -output DIR, or '
+                             f'replace it with -overwrite')
+        plan.notes.append(f'note: {name} trained with other settings ({differences})')
+    if isinstance(state, dict) and state.get('format') == TRAIN_STATE_FORMAT and not state.get('step') \
+            and state.get('epoch') >= config.TRAIN.NUM_EPOCHS and not config.TRAIN.LAST_EPOCH:
+        plan.finished = (f'this run is finished: {name} is the checkpoint after epoch {state["epoch"]} of '
+                         f'{config.TRAIN.NUM_EPOCHS}; nothing to train (evaluate it with -eval -pretrained '
+                         f'{name}, or start another run in another -output)')
+    return plan
+
+
+def delete_run(config, paths: List[str], log) -> None:
+    """-overwrite: remove the files of the run that was in SAVE."""
+    for path in paths:
+        if path.endswith('.pdparams') and NAME_TAIL.search(path[:-len('.pdparams')]):
+            _delete(path[:-len('.pdparams')])
+        else:
+            for stem in (path,) + ((path[:-len('.pdparams')] + fileio.SAFETENSORS_SUFFIX,)
+                                   if path.endswith('.pdparams') else ()):
+                if os.path.exists(stem):
+                    os.remove(stem)
+    if paths:
+        log(f'-overwrite: removed the earlier run\'s files from {config.SAVE} ({len(paths)} checkpoint(s) '
+            f'and best weights)')
+
 
 def read_checkpoint(params_path: str) -> Checkpoint:
     """Load the files of the checkpoint whose weights are `params_path`, checking that
@@ -407,33 +570,6 @@ def restore(trainer, checkpoint: Checkpoint, last_epoch: int = 0) -> ResumePoint
     where = f'epoch {point.epoch + 1}, step {point.step}' if point.step else f'after epoch {point.epoch}'
     log(f'resumed from {params_path} ({where})')
     return point
-
-
-def resume(trainer, path: str, last_epoch: int = 0) -> Optional[ResumePoint]:
-    """Restore the checkpoint at `path` (`.pdparams` optional), or with `path`
-    'auto' the newest whole one in SAVE; None when 'auto' finds none."""
-    if path == AUTO:
-        return resume_latest(trainer, last_epoch)
-    try:
-        checkpoint = read_checkpoint(cvt.resolve_weights_path(path))
-    except (UnreadableCheckpoint, FileNotFoundError) as err:
-        raise UsageError(f'-resume: {err}') from None
-    return restore(trainer, checkpoint, last_epoch)
-
-
-def resume_latest(trainer, last_epoch: int = 0) -> Optional[ResumePoint]:
-    """Restore the newest checkpoint in SAVE whose files all load, skipping (with a
-    line each) torn ones; None, with a line, when there is none."""
-    folder = trainer.config.SAVE
-    for prefix in list_checkpoints(folder, trainer.config.MODEL.TYPE):
-        try:
-            checkpoint = read_checkpoint(prefix + '.pdparams')
-        except UnreadableCheckpoint as err:
-            trainer.logger.info(f'-resume auto: skipping {os.path.basename(prefix)}, it is not whole: {err}')
-            continue
-        return restore(trainer, checkpoint, last_epoch)
-    trainer.logger.info(f'-resume auto: no checkpoint in {folder}, training from scratch')
-    return None
 
 
 # ------------------------------------------------------------------ the training loop's calls

@@ -133,6 +133,7 @@ _C.REPORT_FREQ = 50  # steps between log lines
 _C.VALIDATE_FREQ = 10  # epochs between validations
 _C.SEED = 0
 _C.EVAL = False  # evaluate only
+_C.OVERWRITE = False  # -overwrite: a new run replaces the training run already in SAVE
 _C.AMP = False  # mixed precision training
 _C.VISUALDL = False  # write scalars to <SAVE>/vdl for VisualDL (pip install visualdl)
 _C.LOCAL_RANK = 0
@@ -405,6 +406,8 @@ def update_config(config, args):
         config.AMP = not config.EVAL
     if arg('visualdl'):
         config.VISUALDL = True
+    if arg('overwrite'):
+        config.OVERWRITE = True
     try:
         validate_config(config)
     except ConfigError as err:

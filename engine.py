@@ -356,6 +356,7 @@ def check_paths(config) -> None:
         raise UsageError('-resume auto is for training; -eval takes the weights with -pretrained PATH')
     if config.EVAL and not (config.MODEL.PRETRAINED or config.MODEL.RESUME):
         raise UsageError('-eval needs the weights to evaluate: -pretrained PATH')
+    checkpoint.check_output_folder(config)
     if config.VISUALDL and not config.EVAL:
         reporting.require_visualdl()
     if config.TRAIN.DISTILLATION_TYPE != 'none' and not config.EVAL:
@@ -390,8 +391,17 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
     if multi_process:
         dist.init_parallel_env()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if multi_process else (0, 1)
-    logger = get_logger(config.SAVE, rank)
     check_paths(config)
+    plan = checkpoint.RunPlan() if config.EVAL else checkpoint.plan_run(config)
+    if plan.finished:  # nothing is written
+        if rank == 0:
+            print(plan.finished, flush=True)
+        return {'val': None, 'checkpoint': plan.checkpoint.prefix + '.pdparams', 'finished': True}
+    logger = get_logger(config.SAVE, rank)
+    for note in plan.notes:
+        logger.info(note)
+    if rank == 0:
+        checkpoint.delete_run(config, plan.stale, logger.info)
     reporter = reporting.Reporter(config, logger, rank)
     reporter.log_config()
     logger.info(f'{world_size} process(es) on {paddle.get_device()}', extra=FILE_ONLY)
@@ -435,8 +445,7 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
     steps_per_epoch = len(train_loader) // config.TRAIN.ACCUM_ITER
     trainer = build_trainer(config, model, mixup, steps_per_epoch, world_size, logger, rank)
     trainer.reporter = reporter
-    resumed = checkpoint.resume(trainer, config.MODEL.RESUME, config.TRAIN.LAST_EPOCH) \
-        if config.MODEL.RESUME else None
+    resumed = checkpoint.restore(trainer, plan.checkpoint, config.TRAIN.LAST_EPOCH) if plan.checkpoint else None
     epochs_done = resumed.epoch if resumed else 0
     reporter.log_settings(**settings, epochs_done=epochs_done)
     logger.info(f'training epochs {epochs_done + 1}-{config.TRAIN.NUM_EPOCHS}: {steps_per_epoch} steps of '

@@ -25,10 +25,10 @@ if ! grep -qs '^n90000000 circle above square$' "$DEMO_DATA/LOC_synset_mapping.t
   fi
   "$PYTHON" tools/make_demo_data.py -output "$DEMO_DATA"
 fi
-rm -f "$OUTPUT"/CvT-Epoch-*  # this run's checkpoints only
 
 echo "== Training (SEED=$SEED)"
-CONFIG=$CONFIG DATA_PATH="$DEMO_DATA" OUTPUT="$OUTPUT" BATCH_SIZE=32 bash run_train.sh -opts SEED "$SEED"
+# each demo is a new run: -overwrite replaces the previous demo's checkpoints in $OUTPUT
+CONFIG=$CONFIG DATA_PATH="$DEMO_DATA" OUTPUT="$OUTPUT" BATCH_SIZE=32 bash run_train.sh -overwrite -opts SEED "$SEED"
 
 # the last epoch's weights (not the -EMA ones)
 checkpoint=$(ls "$OUTPUT"/CvT-Epoch-*-Loss-*.pdparams | grep -v -- '-EMA\.pdparams$' | sort -V | tail -n 1)

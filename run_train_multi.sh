@@ -3,6 +3,7 @@
 # (BATCH_SIZE is per GPU; the LR scales with the global batch). Change the
 # settings below, or set them in the environment; extra arguments go to
 # main_multi_gpu.py. Several machines: see README ("Several machines").
+# Run again with the same settings, it continues the run in OUTPUT (-resume auto).
 CONFIG=${CONFIG:-./configs/cvt-13-224x224.yaml}
 DATA_PATH=${DATA_PATH:-/dataset/imagenet}
 OUTPUT=${OUTPUT:-./output/train-multi}
@@ -12,6 +13,8 @@ GPUS=${GPUS:-0,1,2,3}
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+# run again, it continues where it stopped (or says it is finished), unless told otherwise
+case " $* " in *" -resume "*|*" -overwrite "*) ;; *) set -- -resume auto "$@" ;; esac
 
 CUDA_VISIBLE_DEVICES=$GPUS "$PYTHON" main_multi_gpu.py \
   -cfg "$CONFIG" \

@@ -67,6 +67,9 @@ def get_arguments(description: str) -> argparse.Namespace:
                              'the newest whole one in -output, if any')
     parser.add_argument('-last_epoch', type=int, default=None,
                         help='epoch the -resume checkpoint ended; default: read from the checkpoint')
+    parser.add_argument('-overwrite', action='store_true',
+                        help='start a new training run in an -output folder that holds another, deleting '
+                             'its checkpoints')
     parser.add_argument('-eval', action='store_true', help='only evaluate -pretrained on the val set')
     parser.add_argument('-amp', action='store_true', help='mixed precision training (float16, GPU)')
     parser.add_argument('-visualdl', action='store_true',

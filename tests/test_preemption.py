@@ -166,8 +166,11 @@ def test_resume_auto_without_a_checkpoint_starts_from_scratch_saying_so(data_pat
 
 
 def test_torn_checkpoints_are_never_resumed_from(data_path, tmp_path):
-    changes = {'TRAIN.MODEL_EMA': True, 'TRAIN.NUM_EPOCHS': 1}
-    whole = engine.run(tiny_config(data_path, str(tmp_path), changes))['checkpoint'][:-len('.pdparams')]
+    changes = {'TRAIN.MODEL_EMA': True, 'TRAIN.NUM_EPOCHS': 2}
+    engine.run(tiny_config(data_path, str(tmp_path), changes))
+    for path in glob.glob(str(tmp_path / 'CvT-Epoch-2-*')):  # back to the end of epoch 1
+        os.remove(path)
+    whole = glob.glob(str(tmp_path / 'CvT-Epoch-1-Loss-*[0-9].pdparams'))[0][:-len('.pdparams')]
 
     def copy(step, suffixes, truncate=None):
         prefix = str(tmp_path / f'CvT-Epoch-2-Step-{step}')
@@ -182,8 +185,7 @@ def test_torn_checkpoints_are_never_resumed_from(data_path, tmp_path):
     copy(3, ['.pdparams', '.pdopt'])  # no EMA, which the state says there is
     copy(4, ['.pdparams', '.pdopt', '-EMA.pdparams'], truncate='.pdopt')
     shutil.copy(whole + '.pdparams', str(tmp_path / 'CvT-Epoch-2-Step-5.pdparams.tmp999999999'))  # a save killed
-    result = engine.run(tiny_config(data_path, str(tmp_path), {**changes, 'TRAIN.NUM_EPOCHS': 2,
-                                                               'MODEL.RESUME': 'auto'}))
+    result = engine.run(tiny_config(data_path, str(tmp_path), {**changes, 'MODEL.RESUME': 'auto'}))
     log = (tmp_path / 'log.txt').read_text()
     assert f'resumed from {whole}.pdparams (after epoch 1)' in log
     for step in (1, 2, 3, 4):
@@ -192,7 +194,8 @@ def test_torn_checkpoints_are_never_resumed_from(data_path, tmp_path):
     # the finished epoch 2 makes them all stale: gone
     assert sorted(os.listdir(tmp_path)) == sorted(
         os.path.basename(p) for p in glob.glob(str(tmp_path / 'CvT-Epoch-[12]-Loss-*')) + [
-            str(tmp_path / name) for name in ('CvT-best.pdparams', 'log.txt', 'curves.png', 'history.json')])
+            str(tmp_path / name) for name in ('CvT-best.pdparams', 'CvT-best.json', 'log.txt', 'curves.png',
+                                              'history.json')])
     assert result['checkpoint'].endswith('.pdparams')
 
 
@@ -205,7 +208,7 @@ def test_keep_checkpoints_keeps_the_newest_epochs_and_the_best(data_path, tmp_pa
         f'{os.path.basename(p)[:-len(".pdparams")]}{suffix}'
         for p in glob.glob(str(tmp_path / 'CvT-Epoch-[34]-Loss-*[0-9].pdparams'))
         for suffix in ('-EMA.pdparams', '.pdopt', '.pdparams'))
-    assert len(kept) == 3 * 2 + 4  # + CvT-best.pdparams, log.txt, curves.png and history.json
+    assert len(kept) == 3 * 2 + 5  # + CvT-best.pdparams and .json, log.txt, curves.png and history.json
     best_lines = [line for line in (tmp_path / 'log.txt').read_text().splitlines() if 'best Acc@1 so far' in line]
     best_acc1 = float(best_lines[-1].split('best Acc@1 so far (')[1].split(',')[0])
     evaluated = engine.run(tiny_config(data_path, str(tmp_path / 'eval'), {
