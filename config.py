@@ -30,6 +30,7 @@ _C.DATA.IMAGE_SIZE = 224
 _C.DATA.CROP_PCT = 0.875  # eval: resize short side to IMAGE_SIZE / CROP_PCT, centre crop
 _C.DATA.INTERPOLATION = 'bicubic'
 _C.DATA.NUM_WORKERS = 4
+_C.DATA.ALLOW_OUTSIDE_PATHS = False  # list files may name images outside DATA_PATH (absolute, ../)
 _C.DATA.IMAGENET_MEAN = [0.485, 0.456, 0.406]
 _C.DATA.IMAGENET_STD = [0.229, 0.224, 0.225]
 

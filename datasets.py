@@ -18,9 +18,12 @@ epoch). Call ``set_epoch(loader, epoch)`` at the start of every epoch;
 ``set_epoch(loader, epoch, first_batch)`` continues an epoch at a batch without
 reading the batches before it (resuming from a mid-epoch checkpoint).
 
-A file that cannot be decoded (truncated, empty, not an image, missing) is
-replaced by the next readable sample, with one warning per file in each
-process (each loader worker warns on its own).
+A file that cannot be decoded (truncated, empty, not an image, missing) warns
+once per file in each process (each loader worker warns on its own). Every
+sample comes with the index of its unreadable file, or READ (`Sample`): in
+training the next readable sample stands in for it (the epoch line counts
+them); in evaluation a placeholder does, which `engine.validate` leaves out and
+names, so that the evaluation is of the images it says.
 """
 
 import math
@@ -48,6 +51,9 @@ CIFAR_ARCHIVES = {
 MAX_CONSECUTIVE_BAD = 100
 
 SampleKey = Union[int, Tuple[int, int]]
+# (image CHW float32, label, index of the sample's unreadable file or READ)
+Sample = Tuple[np.ndarray, int, int]
+READ = -1
 
 _warned_files: Set[str] = set()
 
@@ -102,34 +108,41 @@ class AugmentedDataset(paddle.io.Dataset):
         """The RGB image of sample `index`."""
         raise NotImplementedError
 
-    def __getitem__(self, key: SampleKey) -> Tuple[np.ndarray, int]:
+    def __getitem__(self, key: SampleKey) -> Sample:
+        """Sample `key` (an index, or (epoch, index)), augmented for its epoch: see `Sample`."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f'sample index {index} out of range for {len(self)} samples')
-        image, index = self.load_readable(index)
-        rng = np.random.default_rng([self.seed, int(epoch), index])
-        return self.transform(image, rng), self.labels[index]
+        image, used = self.load_readable(index)
+        rng = np.random.default_rng([self.seed, int(epoch), index if used is None else used])
+        if used is None:  # left out: a placeholder of the transform's output shape
+            return self.transform(Image.new('RGB', (8, 8)), rng), self.labels[index], index
+        return self.transform(image, rng), self.labels[used], READ if used == index else index
 
-    def load_readable(self, index: int) -> Tuple[Image.Image, int]:
-        """Sample `index`'s image, or the next readable one's; returns (image, its index)."""
+    def load_readable(self, index: int) -> Tuple[Optional[Image.Image], Optional[int]]:
+        """Sample `index`'s image, or the one that stands in for it: (image, its index);
+        (None, None) when the sample is to be left out."""
         return self.load(index), index
 
 
 class ImageFileDataset(AugmentedDataset):
-    """Images in files; unreadable files are replaced by the next readable sample."""
+    """Images in files. An unreadable file is replaced by the next readable sample with
+    `replace_unreadable` (training); without, it is left out (evaluation)."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], classes: List[str],
-                 transform: Callable, seed: int):
+                 transform: Callable, seed: int, replace_unreadable: bool = True):
         super().__init__(labels, classes, transform, seed)
         self.paths = list(paths)
+        self.replace_unreadable = replace_unreadable
         self.bad_indices: Set[int] = set()
 
     def load(self, index: int) -> Image.Image:
         return load_rgb(self.paths[index])
 
-    def load_readable(self, index: int) -> Tuple[Image.Image, int]:
-        for step in range(min(MAX_CONSECUTIVE_BAD, len(self))):
+    def load_readable(self, index: int) -> Tuple[Optional[Image.Image], Optional[int]]:
+        tries = min(MAX_CONSECUTIVE_BAD, len(self)) if self.replace_unreadable else 1
+        for step in range(tries):
             candidate = (index + step) % len(self)
             if candidate in self.bad_indices:
                 continue
@@ -138,15 +151,17 @@ class ImageFileDataset(AugmentedDataset):
             # decoders signal corrupt data with many exception types
             except Exception as err:  # noqa: BLE001
                 self.bad_indices.add(candidate)
-                self._warn_bad(self.paths[candidate], err)
+                self._warn_bad(self.paths[candidate], err, 'skipped' if self.replace_unreadable else 'left out')
+        if not self.replace_unreadable:
+            return None, None
         raise RuntimeError(f'{self.paths[index]}: this and the next {MAX_CONSECUTIVE_BAD - 1} '
                            f'files cannot be read as images')
 
     @staticmethod
-    def _warn_bad(path: str, err: Exception) -> None:
+    def _warn_bad(path: str, err: Exception, what: str) -> None:
         if path not in _warned_files:
             _warned_files.add(path)
-            warnings.warn(f'{path}: skipped, not a readable image ({type(err).__name__}: {err})',
+            warnings.warn(f'{path}: {what}, not a readable image ({type(err).__name__}: {err})',
                           RuntimeWarning, stacklevel=2)
 
 
@@ -198,8 +213,9 @@ def scan_class_folders(data_path: str, mode: str) -> Tuple[List[str], List[int],
     return paths, labels, classes
 
 
-def read_list_file(list_path: str) -> Tuple[List[str], List[int]]:
-    """(relative paths, labels) from a PaddleViT list file of 'path label' lines."""
+def read_list_file(list_path: str, root: Optional[str] = None) -> Tuple[List[str], List[int]]:
+    """(relative paths, labels) from a PaddleViT list file of 'path label' lines. With
+    `root`, a path that leads outside it (absolute, or through '..') is a ValueError."""
     paths, labels = [], []
     with open(list_path, 'r') as infile:
         for number, line in enumerate(infile, 1):
@@ -208,18 +224,33 @@ def read_list_file(list_path: str) -> Tuple[List[str], List[int]]:
             parts = line.rstrip('\n').rsplit(None, 1)
             if len(parts) != 2 or not parts[1].lstrip('-').isdigit() or int(parts[1]) < 0:
                 raise ValueError(f'{list_path}:{number}: expected "relative/path label", got {line.strip()!r}')
-            paths.append(parts[0].strip())
+            path = parts[0].strip()
+            if root is not None and not _inside(root, path):
+                raise ValueError(f'{list_path}:{number}: {path!r} lies outside DATA.DATA_PATH {root} (set '
+                                 f'DATA.ALLOW_OUTSIDE_PATHS True to read it)')
+            paths.append(path)
             labels.append(int(parts[1]))
     return paths, labels
 
 
-def read_list_layout(data_path: str, mode: str) -> Tuple[List[str], List[int], List[str]]:
+def _inside(root: str, relative: str) -> bool:
+    """Whether `relative`, joined to `root`, stays within it (judged by the names alone,
+    so that a symbolic link inside the data folder keeps working)."""
+    if os.path.isabs(relative):
+        return False
+    root = os.path.normpath(os.path.abspath(root))
+    return os.path.normpath(os.path.join(root, relative)).startswith(root + os.sep)
+
+
+def read_list_layout(data_path: str, mode: str, allow_outside: bool = False
+                     ) -> Tuple[List[str], List[int], List[str]]:
     """(paths, labels, classes) of `mode`'s list file; classes are the label numbers.
 
     The class count comes from train_list.txt when it exists, so val shares it.
+    Paths must stay inside `data_path` unless `allow_outside`.
     """
     list_path = os.path.join(data_path, LIST_FILES[mode])
-    paths, labels = read_list_file(list_path)
+    paths, labels = read_list_file(list_path, None if allow_outside else data_path)
     if not labels:
         raise ValueError(f'{list_path}: lists no images')
     train_list = os.path.join(data_path, LIST_FILES['train'])
@@ -282,12 +313,12 @@ def get_dataset(config, mode: str) -> AugmentedDataset:
         images, labels, classes = read_cifar(data_path, name, mode)
         return ArrayDataset(images, labels, classes, transform, config.SEED)
     if os.path.isfile(os.path.join(data_path, LIST_FILES[mode])):
-        paths, labels, classes = read_list_layout(data_path, mode)
+        paths, labels, classes = read_list_layout(data_path, mode, config.DATA.ALLOW_OUTSIDE_PATHS)
     else:
         paths, labels, classes = scan_class_folders(data_path, mode)
     if not paths:
         raise ValueError(f'{os.path.join(data_path, mode)}: no image files in it')
-    return ImageFileDataset(paths, labels, classes, transform, config.SEED)
+    return ImageFileDataset(paths, labels, classes, transform, config.SEED, replace_unreadable=mode == 'train')
 
 
 class EpochBatchSampler(paddle.io.DistributedBatchSampler):
@@ -330,8 +361,17 @@ class EpochBatchSampler(paddle.io.DistributedBatchSampler):
         return size // self.batch_size if self.drop_last else math.ceil(size / self.batch_size)
 
 
+def collate(samples: Sequence[Sample]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch arrays: images, labels, and for each sample the index of its unreadable file
+    or READ. (Always one entry per sample: Paddle's loader workers cannot send empty arrays.)"""
+    images, labels, unreadable = zip(*samples)
+    return np.stack(images), np.asarray(labels, dtype=np.int64), np.asarray(unreadable, dtype=np.int64)
+
+
 def get_dataloader(config, dataset: AugmentedDataset, mode: str, multi_process: bool) -> paddle.io.DataLoader:
-    """Loader of (images float32 [B, 3, H, W], labels int64 [B]) batches.
+    """Loader of (images float32 [B, 3, H, W], labels int64 [B], unreadable int64 [B]) batches;
+    `unreadable` is READ (-1) where the sample's file was read, else its dataset index: in
+    training another sample stands in for it, in evaluation it is a placeholder to leave out.
 
     train: DATA.BATCH_SIZE, shuffled from (SEED, epoch), last incomplete batch
     dropped; with multi_process each process gets an equal (padded) share.
@@ -360,6 +400,7 @@ def get_dataloader(config, dataset: AugmentedDataset, mode: str, multi_process: 
     if workers < 0:
         raise ValueError(f'DATA.NUM_WORKERS must be >= 0, got {workers}')
     return paddle.io.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                collate_fn=collate,
                                 persistent_workers=workers > 0, return_list=True,
                                 worker_init_fn=loader_worker_init if workers > 0 else None)
 

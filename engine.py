@@ -21,7 +21,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import paddle
@@ -170,6 +170,12 @@ def count_correct(logits: paddle.Tensor, labels: paddle.Tensor, k: int) -> int:
     return int((top == labels.reshape([-1, 1]).astype(top.dtype)).any(axis=-1).astype('int64').sum())
 
 
+def in_top_k(logits: paddle.Tensor, labels: paddle.Tensor, k: int) -> paddle.Tensor:
+    """1.0 for each row of `logits` whose label is among its top `k` classes, else 0.0."""
+    top = paddle.topk(logits, k=min(k, logits.shape[-1]), axis=-1)[1]
+    return (top == labels.reshape([-1, 1]).astype(top.dtype)).any(axis=-1).astype('float32')
+
+
 def all_reduce_sums(values, world_size: int) -> np.ndarray:
     """Sum a few numbers over all processes (as float64 on the host)."""
     values = np.asarray(values, dtype=np.float64)
@@ -234,9 +240,10 @@ class Trainer:
 
 
 def train_one_epoch(trainer: Trainer, loader, epoch: int,
-                    resumed: Optional[checkpoint.ResumePoint] = None) -> Tuple[float, float]:
+                    resumed: Optional[checkpoint.ResumePoint] = None) -> Tuple[float, float, int]:
     """Train one epoch (numbered from 1); return the mean loss and top-1 accuracy
-    over all processes. Accuracy under mixup is against the unmixed labels.
+    over all processes, and how many unreadable images other samples stood in for.
+    Accuracy under mixup is against the unmixed labels.
 
     `resumed`: continue the epoch after its first `resumed.step` optimizer steps,
     with their loss and accuracy (the loader must start there: `datasets.set_epoch`).
@@ -250,9 +257,11 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int,
     loss_meter = resumed.meter('loss') if resumed else AverageMeter()
     acc_meter = resumed.meter('acc1') if resumed else AverageMeter()
     start, start_count = time.time(), loss_meter.count
-    for step, (images, labels) in enumerate(loader, first_step):
+    unreadable = paddle.zeros([], dtype='int64')
+    for step, (images, labels, unreadable_files) in enumerate(loader, first_step):
         if step >= micro_steps:
             break
+        unreadable += (unreadable_files >= 0).astype('int64').sum()
         seed_everything(step_seed(config.SEED, epoch, step, trainer.rank))
         if trainer.mixup is not None:
             trainer.mixup.set_epoch(epoch, step)
@@ -293,40 +302,63 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int,
         if update:
             checkpoint.after_optimizer_step(trainer, epoch, (step + 1) // accum,
                                             {'loss': loss_meter, 'acc1': acc_meter})
-    return loss_meter.avg, acc_meter.avg
+    return loss_meter.avg, acc_meter.avg, int(all_reduce_sums([int(unreadable)], trainer.world_size)[0])
 
 
 @paddle.no_grad()
 def validate(model: nn.Layer, loader, world_size: int = 1, expected_count: Optional[int] = None,
-             progress: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
+             progress: Optional[Callable[[int], None]] = None) -> Dict[str, object]:
     """Cross-entropy loss, top-1 and top-5 accuracy over the whole val set.
 
     Each process evaluates its own shard; sums are combined over processes, so
-    every image counts once. `expected_count` (the val set size) guards that.
+    every image counts once. Images that cannot be read are left out, and
+    named (`unreadable`: their paths); `count` is the number evaluated.
+    `expected_count` (the val set size) guards that every image was either.
     `progress` is called with the number of batches done after each one.
     """
     model.eval()
-    loss_sum = correct1 = correct5 = count = 0.0
-    for batch, (images, labels) in enumerate(loader, 1):
+    sums = paddle.zeros([4], dtype='float64')  # loss, top-1, top-5, images: on the device, read at the end
+    marks = []
+    for batch, (images, labels, unreadable) in enumerate(loader, 1):
         logits = model(images).astype('float32')
-        labels = labels.reshape([-1])
-        loss_sum += float(F.cross_entropy(logits, labels, reduction='sum'))
-        correct1 += count_correct(logits, labels, 1)
-        correct5 += count_correct(logits, labels, 5)
-        count += labels.shape[0]
+        labels, unreadable = labels.reshape([-1]), unreadable.reshape([-1])
+        read = (unreadable < 0).astype('float32')  # placeholders of unreadable files count nowhere
+        losses = F.cross_entropy(logits, labels, reduction='none').reshape([-1])
+        sums += paddle.stack([(losses * read).sum(), (in_top_k(logits, labels, 1) * read).sum(),
+                              (in_top_k(logits, labels, 5) * read).sum(), read.sum()]).astype('float64')
+        marks.append(unreadable)
         if progress is not None:
             progress(batch)
-    loss_sum, correct1, correct5, count = all_reduce_sums([loss_sum, correct1, correct5, count], world_size)
-    if expected_count is not None and int(count) != expected_count:
-        raise RuntimeError(f'validation saw {int(count)} images, the val set has {expected_count}')
+    left_out = [] if not marks else [int(i) for i in paddle.concat(marks).numpy() if i >= 0]
+    loss_sum, correct1, correct5, count, missing = all_reduce_sums(
+        list(sums.numpy()) + [len(left_out)], world_size)
+    if missing and world_size > 1:  # every process's left-out indices, for the names
+        flags = np.zeros(len(loader.dataset), dtype=np.int32)
+        flags[left_out] = 1
+        flags = paddle.to_tensor(flags)
+        dist.all_reduce(flags)
+        left_out = np.flatnonzero(flags.numpy()).tolist()
+    if expected_count is not None and int(count) + int(missing) != expected_count:
+        raise RuntimeError(f'validation saw {int(count) + int(missing)} images, the val set has {expected_count}')
+    paths = getattr(loader.dataset, 'paths', None)
     return {'loss': loss_sum / max(count, 1), 'acc1': correct1 / max(count, 1),
-            'acc5': correct5 / max(count, 1), 'count': int(count)}
+            'acc5': correct5 / max(count, 1), 'count': int(count),
+            'unreadable': [paths[i] if paths else str(i) for i in sorted(left_out)]}
 
 
-def format_validation(metrics: Dict[str, float], prefix: str = '') -> str:
-    """PaddleViT's validation line."""
+def format_validation(metrics: Dict[str, object], prefix: str = '') -> str:
+    """PaddleViT's validation line, with the unreadable images left out, if any."""
     return (f'{prefix}Validation Loss: {metrics["loss"]:.4f}, Validation Acc@1: {metrics["acc1"]:.4f}, '
-            f'Validation Acc@5: {metrics["acc5"]:.4f} ({metrics["count"]} images)')
+            f'Validation Acc@5: {metrics["acc5"]:.4f} ({metrics["count"]} images{left_out_note(metrics)})')
+
+
+def left_out_note(metrics: Dict[str, object]) -> str:
+    """'; 2 unreadable left out: a.jpg, b.jpg', or '' when every image was read."""
+    names = metrics.get('unreadable') or []
+    if not names:
+        return ''
+    more = f' (+{len(names) - 5} more)' if len(names) > 5 else ''
+    return f'; {len(names)} unreadable left out: {", ".join(names[:5])}{more}'
 
 
 def _check_data_sizes(config, train_set, val_set, world_size: int) -> None:
@@ -519,14 +551,15 @@ def fit(trainer: Trainer, train_loader, val_loader, val_size: int, first_epoch: 
         first_batch = resumed_here.step * config.TRAIN.ACCUM_ITER if resumed_here else 0
         datasets.set_epoch(train_loader, epoch, first_batch)
         start = time.time()
-        train_loss, train_acc = train_one_epoch(trainer, train_loader, epoch, resumed_here)
+        train_loss, train_acc, unreadable = train_one_epoch(trainer, train_loader, epoch, resumed_here)
         average_batchnorm_statistics(trainer.model, world_size)
         if trainer.ema is not None:
             average_batchnorm_statistics(trainer.ema.module, world_size)
         train_seconds, lr = time.time() - start, trainer.optimizer.get_lr()
+        replaced = f', {unreadable} unreadable images replaced by others' if unreadable else ''
         logger.info(f'----- Epoch[{epoch:03d}/{num_epochs:03d}], LR: {lr:.6e}, '
                     f'Train Loss: {train_loss:.4f}, Train Acc@1: {train_acc:.4f}, '
-                    f'time: {format_seconds(train_seconds)}', extra=FILE_ONLY)
+                    f'time: {format_seconds(train_seconds)}{replaced}', extra=FILE_ONLY)
         result['train_loss'] = train_loss
         last = epoch == num_epochs
         validated = epoch % config.VALIDATE_FREQ == 0 or last
@@ -544,5 +577,6 @@ def fit(trainer: Trainer, train_loader, val_loader, val_size: int, first_epoch: 
         result['checkpoint'] = saved or result['checkpoint']
         trainer.reporter.end_epoch(epoch, train_loss=train_loss, train_acc1=train_acc, lr=lr,
                                    seconds=train_seconds, val=result['val'] if validated else None,
-                                   val_ema=result.get('val_ema') if validated else None, checkpoint=saved)
+                                   val_ema=result.get('val_ema') if validated else None, checkpoint=saved,
+                                   unreadable=unreadable)
     return result

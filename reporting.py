@@ -227,18 +227,23 @@ class Reporter:
 
     def end_epoch(self, epoch: int, *, train_loss: float, train_acc1: float, lr: float, seconds: float,
                   val: Optional[Dict[str, float]] = None, val_ema: Optional[Dict[str, float]] = None,
-                  checkpoint: Optional[str] = None) -> None:
+                  checkpoint: Optional[str] = None, unreadable: int = 0) -> None:
         """The epoch's terminal line, its history row, curves.png after a
-        validation and at the last epoch, and the epoch's VisualDL scalars."""
+        validation and at the last epoch, and the epoch's VisualDL scalars.
+        `unreadable`: training images that others stood in for."""
         if not self.active:
             return
         self._close_bar()
         num_epochs = self.config.TRAIN.NUM_EPOCHS
         row = {'epoch': epoch, 'lr': lr, 'train_loss': train_loss, 'train_acc1': train_acc1}
         text = f'epoch {epoch:>{len(str(num_epochs))}}/{num_epochs} | train loss {train_loss:.4f}'
+        if unreadable:
+            text += f' ({unreadable} unreadable images replaced)'
         if val is not None:
             row.update(val_loss=val['loss'], val_acc1=val['acc1'], val_acc5=val['acc5'])
             text += f' | val top-1 {val["acc1"]:.4f} top-5 {val["acc5"]:.4f}'
+            if val.get('unreadable'):
+                text += f' of {val["count"]} images ({len(val["unreadable"])} unreadable left out)'
         if val_ema is not None:
             row['val_ema_acc1'] = val_ema['acc1']
             text += f' (EMA top-1 {val_ema["acc1"]:.4f})'
@@ -278,8 +283,10 @@ class Reporter:
         """The result of an evaluation-only run, on the terminal."""
         if not self.active:
             return
+        left_out = metrics.get('unreadable') or []
+        note = f' ({len(left_out)} unreadable left out: see the log)' if left_out else ''
         self.logger.info(f'val top-1 {metrics["acc1"]:.4f} | top-5 {metrics["acc5"]:.4f} | '
-                         f'loss {metrics["loss"]:.4f} | {metrics["count"]} images | {seconds:.1f} s',
+                         f'loss {metrics["loss"]:.4f} | {metrics["count"]} images{note} | {seconds:.1f} s',
                          extra=TERMINAL_ONLY)
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -53,7 +54,7 @@ def test_class_folders_label_by_sorted_synset_in_both_splits(tmp_path):
         for path, label in zip(dataset.paths, dataset.labels):
             assert os.path.basename(os.path.dirname(path)) == dataset.classes[label]
     assert len(train) == 12 and len(val) == 6
-    image, label = val[0]
+    image, label, unreadable = val[0]
     assert image.shape == (3, 16, 16) and image.dtype == np.float32 and label == 0
 
 
@@ -82,6 +83,20 @@ def test_list_file_with_a_bad_line_names_file_and_line(tmp_path):
     (tmp_path / 'train_list.txt').write_text('a.png 0\nb.png x\n')
     with pytest.raises(ValueError, match=r'train_list.txt:2'):
         datasets.get_dataset(make_config(tmp_path), 'train')
+
+
+@pytest.mark.parametrize('entry', ['../outside.png', 'imgs/../../outside.png', '/etc/passwd'])
+def test_list_entries_outside_the_data_folder_are_refused_unless_allowed(tmp_path, entry):
+    data = tmp_path / 'data'
+    (data / 'imgs').mkdir(parents=True)
+    write_image(str(tmp_path / 'outside.png'), seed=1)
+    write_image(str(data / 'imgs' / 'in.png'), seed=2)
+    (data / 'train_list.txt').write_text(f'imgs/in.png 0\nimgs/./in.png 0\n{entry} 1\n')
+    with pytest.raises(ValueError, match=rf'train_list.txt:3: {re.escape(repr(entry))} lies outside DATA.DATA_PATH'):
+        datasets.get_dataset(make_config(data), 'train')
+    allowed = make_config(data)
+    allowed.DATA.ALLOW_OUTSIDE_PATHS = True
+    assert len(datasets.get_dataset(allowed, 'train')) == 3
 
 
 def test_val_list_label_absent_from_train_list_is_an_error(tmp_path):
@@ -136,6 +151,22 @@ def test_each_kind_of_bad_file_is_skipped_with_one_warning(tmp_path):
             # replaced by the next readable sample, with that sample's label
             assert samples[index][1] == dataset.labels[dataset.load_readable(index)[1]]
             assert os.path.basename(dataset.paths[dataset.load_readable(index)[1]]) not in bad_names
+            assert samples[index][2] == index  # and reported
+        else:
+            assert samples[index][2] == datasets.READ
+
+
+def test_unreadable_val_images_are_marked_by_the_loader(tmp_path):
+    make_folder_layout(tmp_path, per_class=(2, 3))
+    val_dir = tmp_path / 'val' / 'n01'
+    (val_dir / 'a_broken.JPEG').write_bytes(b'')
+    config = make_config(tmp_path)
+    dataset = datasets.get_dataset(config, 'val')
+    broken = dataset.paths.index(str(val_dir / 'a_broken.JPEG'))
+    with pytest.warns(RuntimeWarning, match='a_broken.JPEG: left out'):
+        loader = datasets.get_dataloader(config, dataset, 'val', multi_process=False)
+        marks = np.concatenate([unreadable.numpy() for _, _, unreadable in loader])
+    assert marks.tolist() == [broken if i == broken else datasets.READ for i in range(len(dataset))]
 
 
 @pytest.mark.parametrize('mode', ['CMYK', 'L', 'P', 'RGBA', 'LA', 'I;16'])
@@ -189,7 +220,7 @@ def test_missing_cifar_archive_says_what_to_put_where(tmp_path):
 
 
 def batches(loader):
-    return [(images.numpy(), labels.numpy()) for images, labels in loader]
+    return [(images.numpy(), labels.numpy()) for images, labels, _ in loader]
 
 
 def test_train_loader_shuffles_by_epoch_and_drops_the_last_batch(tmp_path):

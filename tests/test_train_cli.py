@@ -127,3 +127,24 @@ def test_sigkill_during_a_save_leaves_the_earlier_checkpoint_whole(data_path, tm
     cvt.load_pretrained(cvt.build_cvt(config), first[0])
     assert paddle.load(first[0].replace('.pdparams', '.pdopt'))['epoch'] == 1
     assert engine.run(config)['checkpoint'].endswith('.pdparams')
+
+
+def test_unreadable_val_images_are_left_out_counted_and_named_in_one_and_two_processes(tmp_path):
+    data = make_tiny_data(str(tmp_path / 'data'))
+    val = sorted(glob.glob(os.path.join(data, 'val', '*', '*.JPEG')))
+    broken = [val[3], val[20]]
+    for path in broken:
+        with open(path, 'wb') as out:
+            out.write(b'not an image')
+    config = tiny_config(data, str(tmp_path / 'unused'))
+    weights = str(tmp_path / 'weights.pdparams')
+    paddle.save(cvt.build_cvt(config).state_dict(), weights)
+    one = engine.run(tiny_config(data, str(tmp_path / 'eval1'), {'EVAL': True, 'MODEL.PRETRAINED': weights}))
+    assert one['val']['count'] == 28 and one['val']['unreadable'] == broken
+    cfg = write_tiny_yaml(str(tmp_path / 'tiny.yaml'), data, str(tmp_path / 'eval2'))
+    two = run_script(['main_multi_gpu.py', '-cfg', cfg, '-ngpus', '2', '-eval', '-pretrained', weights])
+    assert two.returncode == 0, two.stderr[-3000:]
+    line = [line for line in (tmp_path / 'eval2' / 'log.txt').read_text().splitlines() if 'Validation Acc@1' in line]
+    assert f'(28 images; 2 unreadable left out: {broken[0]}, {broken[1]})' in line[-1]
+    assert f'Validation Acc@1: {one["val"]["acc1"]:.4f}' in line[-1]
+    assert '28 images (2 unreadable left out' in two.stdout
