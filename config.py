@@ -11,8 +11,9 @@ A yaml file may name parent files with ``BASE: [a.yaml, ...]`` (paths relative
 to the file); parents are merged first, in order, then the file itself.
 """
 
+import math
 import os
-from typing import Sequence
+from typing import List, Sequence, Tuple
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -140,6 +141,9 @@ _C.VISUALDL = False  # write scalars to <SAVE>/vdl for VisualDL (pip install vis
 _C.LOCAL_RANK = 0
 _C.NGPUS = -1
 
+# beyond this, CvT-13's first-stage attention scores alone take over 1 TB for one image
+MAX_IMAGE_SIZE = 4096
+
 PER_STAGE_KEYS = (
     'PATCH_SIZE', 'PATCH_STRIDE', 'PATCH_PADDING', 'DIM_EMBED', 'NUM_HEADS',
     'DEPTH', 'MLP_RATIO', 'QKV_BIAS', 'DROP_RATE', 'ATTN_DROP_RATE',
@@ -157,8 +161,10 @@ def _read_yaml(cfg_file):
     if not os.path.isfile(cfg_file):
         raise ConfigError(f'{cfg_file}: config file not found')
     try:
-        with open(cfg_file, 'r') as infile:
+        with open(cfg_file, 'r', encoding='utf-8') as infile:
             data = yaml.safe_load(infile)
+    except UnicodeDecodeError:
+        raise ConfigError(f'{cfg_file}: not a yaml text file (it holds bytes that are not UTF-8 text)') from None
     except yaml.YAMLError as err:
         mark = getattr(err, 'problem_mark', None)
         where = f' line {mark.line + 1}' if mark is not None else ''
@@ -296,6 +302,63 @@ def validate_config(config):
             raise ConfigError(f'{key} must be [low, high] with low <= high, got {list(value)}')
     if config.NGPUS == 0 or config.NGPUS < -1:
         raise ConfigError(f'NGPUS must be -1 (every visible GPU) or a positive count, got {config.NGPUS}')
+    for key, value in _numbers(config):
+        if not math.isfinite(value):
+            raise ConfigError(f'{key} must be a finite number, got {value!r}')
+    smallest = smallest_image_size(model)
+    if config.DATA.IMAGE_SIZE < smallest:
+        raise ConfigError(f'DATA.IMAGE_SIZE = {config.DATA.IMAGE_SIZE} is too small for the model: its '
+                          f'strides leave no pixel; it takes {smallest} or more')
+    if config.DATA.IMAGE_SIZE > MAX_IMAGE_SIZE:
+        raise ConfigError(f'DATA.IMAGE_SIZE = {config.DATA.IMAGE_SIZE} is beyond {MAX_IMAGE_SIZE}: the first '
+                          f'stage\'s attention alone would need more memory than any machine has')
+
+
+def _numbers(node: CN, prefix: str = ''):
+    """(dotted key, float) of every float setting, list entries included."""
+    for key, value in node.items():
+        name = f'{prefix}{key}'
+        if isinstance(value, CN):
+            yield from _numbers(value, name + '.')
+        for i, item in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(item, float):
+                yield (f'{name}[{i}]' if isinstance(value, (list, tuple)) else name), item
+
+
+def stage_sizes(model: CN, image_size: int) -> List[Tuple[int, int]]:
+    """Per stage, the side of its token map and of its key/value map for square
+    `image_size` inputs (the convolutions' arithmetic; 0 where nothing is left)."""
+    def out(side: int, kernel: int, stride: int, padding: int, ceil: bool = False) -> int:
+        span = side + 2 * padding - kernel
+        return 0 if span < 0 else (-(-span // stride) if ceil else span // stride) + 1
+
+    sizes, side = [], image_size
+    for i in range(model.NUM_STAGES):
+        side = out(side, model.PATCH_SIZE[i], model.PATCH_STRIDE[i], model.PATCH_PADDING[i])
+        method = model.QKV_PROJ_METHOD[i]
+        kv = side if method == 'linear' else out(side, model.KERNEL_QKV[i], model.STRIDE_KV[i],
+                                                  model.PADDING_KV[i], ceil=method == 'avg')
+        if method == 'dw_bn':  # q has its own convolution
+            kv = min(kv, out(side, model.KERNEL_QKV[i], model.STRIDE_Q[i], model.PADDING_Q[i]))
+        sizes.append((side, kv))
+    return sizes
+
+
+def attention_bytes(model: CN, image_size: int) -> int:
+    """The largest attention-score tensor of one image (float32), over the stages."""
+    largest = 0
+    for i, (side, kv) in enumerate(stage_sizes(model, image_size)):
+        extra = 1 if model.CLS_TOKEN[i] else 0
+        largest = max(largest, 4 * model.NUM_HEADS[i] * (side * side + extra) * (kv * kv + extra))
+    return largest
+
+
+def smallest_image_size(model: CN) -> int:
+    """The smallest input side for which every stage's maps keep at least one pixel."""
+    size = 1
+    while min(min(pair) for pair in stage_sizes(model, size)) < 1:
+        size += 1
+    return size
 
 
 # (key, lowest, highest) of every numeric key; a bound in a tuple is excluded

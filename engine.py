@@ -18,6 +18,7 @@ exactly without storing generator states.
 import math
 import os
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,12 +33,14 @@ import paddle.nn.functional as F
 import checkpoint
 import cvt
 import datasets
+import fileio
 import losses
 import mixup as mixup_lib
 import preemption
 import reporting
 from config import get_config
-from utils import FILE_ONLY, AverageMeter, NonFiniteLossError, UsageError, format_seconds, get_logger
+from utils import (FILE_ONLY, AverageMeter, NonFiniteLossError, UsageError, check_attention_memory, format_seconds,
+                   get_logger)
 
 BATCH_NORMS = (nn.BatchNorm, nn.BatchNorm1D, nn.BatchNorm2D, nn.BatchNorm3D)
 # ops kept in float32 under float16 autocast: normalisation and attention weights
@@ -381,8 +384,8 @@ def check_paths(config) -> None:
     for flag, path in (('-pretrained', config.MODEL.PRETRAINED), ('-resume', config.MODEL.RESUME)):
         if path and not (flag == '-resume' and path == checkpoint.AUTO):
             try:
-                cvt.resolve_weights_path(path)
-            except FileNotFoundError as err:
+                fileio.check_header(cvt.resolve_weights_path(path))
+            except (FileNotFoundError, fileio.FileFormatError) as err:
                 raise UsageError(f'{flag}: {err}') from None
     if config.EVAL and config.MODEL.RESUME == checkpoint.AUTO:
         raise UsageError('-resume auto is for training; -eval takes the weights with -pretrained PATH')
@@ -398,9 +401,39 @@ def check_paths(config) -> None:
         if not os.path.isfile(config.TRAIN.TEACHER_CFG):
             raise UsageError(f'TRAIN.TEACHER_CFG {config.TRAIN.TEACHER_CFG}: config file not found')
         try:
-            cvt.resolve_weights_path(config.TRAIN.TEACHER_PRETRAINED)
-        except FileNotFoundError as err:
+            fileio.check_header(cvt.resolve_weights_path(config.TRAIN.TEACHER_PRETRAINED))
+        except (FileNotFoundError, fileio.FileFormatError) as err:
             raise UsageError(f'TRAIN.TEACHER_PRETRAINED: {err}') from None
+
+
+def _check_classes(config, data_classes: int, logger) -> None:
+    """The model must have a logit for every class of the data; more is allowed (noted)."""
+    classes = config.MODEL.NUM_CLASSES
+    if classes < data_classes:
+        what = 'no classifier' if classes == 0 else f'{classes} classes'
+        raise UsageError(f'MODEL.NUM_CLASSES = {classes}: the model has {what}, the data {data_classes} '
+                         f'(labels 0-{data_classes - 1}); set -num_classes {data_classes}')
+    if classes > data_classes:
+        logger.info(f'note: the data has {data_classes} classes, MODEL.NUM_CLASSES is {classes} '
+                    f'(set it with -num_classes)')
+
+
+def _device_memory() -> Optional[int]:
+    """The GPU's memory where training runs on one; None: the machine's memory."""
+    if not _use_gpu():
+        return None
+    return paddle.device.cuda.get_device_properties().total_memory
+
+
+def _check_disk_space(config, model: nn.Layer, with_ema: bool) -> None:
+    """A checkpoint (weights, AdamW's two moments, EMA, .safetensors copies) must fit in
+    SAVE: stop before training rather than at the first save."""
+    weights = sum(int(np.prod(p.shape)) for p in model.state_dict().values()) * 4
+    copies = (1 + with_ema) * (2 if config.SAVE_SAFETENSORS else 1) + 2
+    needed, free = weights * copies, shutil.disk_usage(config.SAVE).free
+    if needed > free:
+        raise UsageError(f'-output {config.SAVE}: a checkpoint needs about {needed / 2 ** 20:.0f} MB, '
+                         f'{free / 2 ** 20:.0f} MB are free there')
 
 
 def _use_gpu() -> bool:
@@ -448,9 +481,9 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
         mixup = None if config.EVAL else mixup_lib.build_mixup(config, val_set.num_classes)
     except ValueError as err:  # the data modules' way of naming a bad path, file or key
         raise UsageError(str(err)) from None
-    if config.MODEL.NUM_CLASSES != val_set.num_classes:
-        logger.info(f'note: the data has {val_set.num_classes} classes, MODEL.NUM_CLASSES is '
-                    f'{config.MODEL.NUM_CLASSES} (set it with -num_classes)')
+    _check_classes(config, val_set.num_classes, logger)
+    batch = config.DATA.BATCH_SIZE_EVAL if config.EVAL else config.DATA.BATCH_SIZE
+    check_attention_memory(config, batch, training=not config.EVAL, available=_device_memory())
 
     model = cvt.build_cvt(config)
     if config.MODEL.PRETRAINED:
@@ -474,6 +507,7 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
         reporter.evaluated(metrics, time.time() - start)
         return {'val': metrics}
 
+    _check_disk_space(config, model, config.TRAIN.MODEL_EMA)
     steps_per_epoch = len(train_loader) // config.TRAIN.ACCUM_ITER
     trainer = build_trainer(config, model, mixup, steps_per_epoch, world_size, logger, rank)
     trainer.reporter = reporter

@@ -194,18 +194,29 @@ def load(path: str, return_numpy: bool = False) -> Any:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no such file')
+    check_header(path)
     if path.endswith(SAFETENSORS_SUFFIX):
         return _load_safetensors(path, return_numpy)
     with open(path, 'rb') as file:
-        head = file.read(1)
-        if not head:
-            raise FileFormatError(f'{path}: the file is empty')
-        if head != b'\x80':  # every pickle protocol >= 2 starts with PROTO
-            raise FileFormatError(f'{path}: not a Paddle weights or checkpoint file (no pickle header; '
-                                  f'a .safetensors file needs that suffix)')
-        file.seek(0)
         loaded = unpickle(file, path, encoding='latin1')
     return _as_paddle_objects(loaded, return_numpy)
+
+
+def check_header(path: str) -> str:
+    """`path` if it starts as a Paddle pickle or a safetensors file does (a cheap check before
+    long work); FileFormatError naming it otherwise (an empty file, text, an archive)."""
+    with open(path, 'rb') as file:
+        head = file.read(16)
+    if not head:
+        raise FileFormatError(f'{path}: the file is empty')
+    if path.endswith(SAFETENSORS_SUFFIX):
+        ok = len(head) > 8 and head[8:9] == b'{'  # an 8-byte header length, then JSON
+    else:
+        ok = head[:1] == b'\x80'  # pickle protocol 2 and up
+    if not ok:
+        kind = 'safetensors' if path.endswith(SAFETENSORS_SUFFIX) else 'Paddle weights or checkpoint'
+        raise FileFormatError(f'{path}: not a {kind} file (it starts with {head[:8]!r})')
+    return path
 
 
 def _load_safetensors(path: str, return_numpy: bool) -> Dict[str, Any]:

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Callable, NoReturn, Optional
 
-from config import ConfigError
+from config import ConfigError, attention_bytes
 from fileio import FileFormatError, OutputError
 
 
@@ -78,6 +78,26 @@ def get_arguments(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def memory_bytes() -> int:
+    """This machine's physical memory (0 where it cannot be read)."""
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_attention_memory(config, batch: int, training: bool = False, available: Optional[int] = None) -> None:
+    """UsageError when the attention scores of one batch alone (kept two or, in training,
+    three times over: scores, weights, their gradient) exceed `available` bytes (default:
+    this machine's memory): the run would be killed for memory, without a word."""
+    available = memory_bytes() if available is None else available
+    needed = attention_bytes(config.MODEL, config.DATA.IMAGE_SIZE) * batch * (3 if training else 2)
+    if available and needed > available:
+        raise UsageError(f'DATA.IMAGE_SIZE {config.DATA.IMAGE_SIZE} with batch {batch}: the attention alone '
+                         f'needs about {needed / 2 ** 30:.1f} GiB, more than the {available / 2 ** 30:.1f} GiB '
+                         f'here; use a smaller image size or batch')
+
+
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse `type` for a count: an integer of at least `minimum`, else argparse's
     one-line usage error naming the flag."""
@@ -90,6 +110,15 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f'must be at least {minimum}, got {value}')
         return value
     return parse
+
+
+def thread_count(text: str) -> int:
+    """An argparse `type` for -threads: 1 to the cores this process may use."""
+    from runtime import usable_cores
+    count = int_at_least(1)(text)
+    if count > usable_cores():
+        raise argparse.ArgumentTypeError(f'{count}: this process may use 1 to {usable_cores()} cores')
+    return count
 
 
 def add_opts_argument(parser: argparse.ArgumentParser) -> None:

@@ -47,10 +47,15 @@ def model_config(args):
     config = load_config(args.cfg, getattr(args, 'opts', None))
     overrides = argparse.Namespace(num_classes=getattr(args, 'num_classes', None),
                                    image_size=getattr(args, 'image_size', None))
+    from utils import UsageError, check_attention_memory
     try:
-        return update_config(config, overrides)
+        config = update_config(config, overrides)
+        check_attention_memory(config, batch=1)
     except ConfigError as err:
         fail(f'{args.cfg}: {err}')
+    except UsageError as err:
+        fail(str(err))
+    return config
 
 
 def classifier_config(args):
@@ -61,12 +66,26 @@ def classifier_config(args):
     return config
 
 
+def check_output_file(path: str) -> str:
+    """`path` as a file this tool may write (not a folder, in a folder that exists and that
+    this user can write), or exit."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        fail(f'{path}: is a folder; name the file to write')
+    if not os.path.isdir(folder):
+        fail(f'{path}: its folder {folder} does not exist')
+    if not os.access(folder, os.W_OK):
+        fail(f'{path}: its folder {folder} cannot be written')
+    return path
+
+
 def check_weights_file(path: str) -> str:
     """The weights file `path` names (with or without `.pdparams`), or exit."""
     from cvt import resolve_weights_path
+    from fileio import FileFormatError, check_header
     try:
-        return resolve_weights_path(path)
-    except FileNotFoundError as err:
+        return check_header(resolve_weights_path(path))
+    except (FileNotFoundError, FileFormatError) as err:
         fail(str(err))
 
 

@@ -40,7 +40,7 @@ ROOT = os.path.dirname(TOOLS)
 sys.path.insert(0, ROOT)
 
 from runtime import usable_cores  # noqa: E402  (no Paddle: this process only starts others)
-from utils import int_at_least  # noqa: E402
+from utils import int_at_least, thread_count  # noqa: E402
 
 # benchmark_torch.py's counterpart of each benchmark.py mode
 TORCH_MODES = {'infer': 'infer', 'train': 'train', 'deploy': 'onnx'}
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument('-model', choices=sorted(MODELS), default='13', help='CvT-13 or CvT-21, at 224')
     parser.add_argument('-batch_size', type=int_at_least(1), default=16)
     parser.add_argument('-modes', nargs='+', choices=sorted(TORCH_MODES), default=['infer', 'train'])
-    parser.add_argument('-threads', type=int_at_least(1), nargs='+', default=None,
+    parser.add_argument('-threads', type=thread_count, nargs='+', default=None,
                         help='thread counts to run (default: 1 and all usable cores)')
     parser.add_argument('-isa', choices=sorted(EMULATION), default='native',
                         help='avx2: emulate an AVX2-only CPU on both sides (see above)')
@@ -93,8 +93,6 @@ def main() -> None:
                  'pip install -r requirements-test.txt')
     cores = usable_cores()
     thread_counts = sorted(set(args.threads or [1, cores]))
-    if max(thread_counts) > cores:
-        sys.exit(f'error: -threads {args.threads}: this process may use 1 to {cores} cores')
 
     cfg, depth = MODELS[args.model]
     torch_modes = {**TORCH_MODES, 'deploy': args.deploy_reference}

@@ -28,7 +28,7 @@ import paddle.nn.functional as F  # noqa: E402
 
 import cpu_kernels  # noqa: E402
 import fast_paths  # noqa: E402
-from utils import fail, int_at_least  # noqa: E402
+from utils import fail, int_at_least, thread_count  # noqa: E402
 
 Op = Callable[..., paddle.Tensor]
 
@@ -133,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     runnable = {'avx512': ['avx512', 'avx2'], 'avx2': ['avx2']}.get(cpu_kernels.native_isa(), [])
     parser.add_argument('-builds', nargs='+', choices=('avx512', 'avx2'), default=runnable)
-    parser.add_argument('-threads', type=int_at_least(1), default=None,
+    parser.add_argument('-threads', type=thread_count, default=None,
                         help='kernel threads (default: all usable cores)')
     parser.add_argument('-repeats', type=int_at_least(1), default=11, help='alternating timings per op (median)')
     parser.add_argument('-kernels', nargs='+', choices=cpu_kernels.KERNELS, default=cpu_kernels.KERNELS,

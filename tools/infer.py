@@ -36,7 +36,7 @@ from paddle import inference  # noqa: E402
 
 from tools._common import check_topk, fail, list_images, print_predictions, read_labels, val_transform  # noqa: E402
 from tools.export_model import MODEL_PREFIX, PREPROCESS_FILE, program_file  # noqa: E402
-from utils import int_at_least  # noqa: E402
+from utils import int_at_least, thread_count  # noqa: E402
 
 BACKENDS = ('paddle', 'openvino', 'onnxruntime')
 ONNX_BACKENDS = ('openvino', 'onnxruntime')  # they run a .onnx file, on CPU
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('-labels', help='class names, one a line in class-index order')
     parser.add_argument('-topk', type=int, default=5, help='classes to print per image (default 5)')
     parser.add_argument('-batch_size', type=int_at_least(1), default=8, help='images per run (default 8)')
-    parser.add_argument('-threads', type=int_at_least(1), default=None,
+    parser.add_argument('-threads', type=thread_count, default=None,
                         help='CPU threads (default MKL_NUM_THREADS, which is one per usable core unless set)')
     parser.add_argument('-device', choices=('cpu', 'gpu'), default=None,
                         help='paddle backend: default gpu if Paddle has CUDA and a GPU is visible, else cpu')

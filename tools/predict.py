@@ -20,10 +20,10 @@ runtime.configure()  # before paddle: threads, MKL's code path, allocator
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-from tools._common import (add_model_arguments, check_topk, check_weights_file,  # noqa: E402
+from tools._common import (add_model_arguments, check_topk, check_weights_file, fail,  # noqa: E402
                            classifier_config, list_images, load_model, print_predictions,
                            read_labels, val_transform)
-from utils import int_at_least  # noqa: E402
+from utils import UsageError, check_attention_memory, int_at_least  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +51,10 @@ def main(argv=None) -> int:
     num_classes = config.MODEL.NUM_CLASSES
     check_topk(args.topk, num_classes)
     batch_size = args.batch_size or config.DATA.BATCH_SIZE_EVAL
+    try:
+        check_attention_memory(config, batch_size)
+    except UsageError as err:
+        fail(str(err))
     weights = check_weights_file(args.pretrained)
     labels = read_labels(args.labels, num_classes)
     images = list_images(args.images)

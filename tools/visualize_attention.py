@@ -30,8 +30,9 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+import fileio  # noqa: E402
 from cvt import record_attention  # noqa: E402
-from tools._common import (add_model_arguments, check_weights_file, fail,  # noqa: E402
+from tools._common import (add_model_arguments, check_output_file, check_weights_file, fail,  # noqa: E402
                            load_model, model_config, read_image, read_labels, softmax, top_k,
                            val_transform)
 
@@ -215,9 +216,7 @@ def check_args(args: argparse.Namespace, config) -> Tuple[int, int]:
     size = config.DATA.IMAGE_SIZE
     if args.point is not None and not all(0 <= v < size for v in args.point):
         fail(f'-point {args.point[0]},{args.point[1]} is outside the {size}x{size} cropped image')
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder):
-        fail(f'{args.output}: folder {folder} does not exist')
+    check_output_file(args.output)
     return stage, block
 
 
@@ -250,7 +249,7 @@ def main(argv=None) -> int:
     header = title_lines(config, stage, block, query_cell, query_grid, maps.shape[1], has_cls, probs, labels)
     image = display_image(array, config.DATA.IMAGENET_MEAN, config.DATA.IMAGENET_STD)
     figure = draw_figure(image, maps, cls_weight, header, query_cell, query_grid)
-    figure.save(args.output, format='PNG')
+    fileio.write_atomically(args.output, lambda temporary: figure.save(temporary, format='PNG'))
     print(f'wrote {args.output} ({figure.size[0]}x{figure.size[1]})')
     return 0
 
