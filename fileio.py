@@ -106,7 +106,7 @@ def unpickle(file, source: str, encoding: str = 'ASCII',
     """Unpickle the open binary `file` (named `source` in errors), allowing only
     `SAFE_GLOBALS` (and `extra_globals`, whose callables must be as harmless);
     `persistent_load` resolves persistent ids (none are allowed without it)."""
-    allowed = dict(SAFE_GLOBALS, **(extra_globals or {}))
+    allowed = {**SAFE_GLOBALS, **(extra_globals or {})}
     try:
         return _RestrictedUnpickler(file, source, allowed, persistent_load, encoding=encoding).load()
     except UnsafeFileError as err:
