@@ -51,9 +51,9 @@ def main(argv=None) -> int:
     num_classes = config.MODEL.NUM_CLASSES
     check_topk(args.topk, num_classes)
     batch_size = args.batch_size or config.DATA.BATCH_SIZE_EVAL
-    weights = check_weights_file(args.pretrained)
     labels = read_labels(args.labels, num_classes)
     images = list_images(args.images)
+    weights = check_weights_file(args.pretrained, config)  # may fetch: after the cheap checks
     model = load_model(config, weights)
     done = print_predictions(images, val_transform(config), batch_size, logits_function(model),
                              args.topk, labels)
