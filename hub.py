@@ -24,7 +24,6 @@ FileNotFoundError, which the entry points report in one line, exit code 2)
 that says what to do, including how to place a file by hand.
 """
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -197,6 +196,7 @@ def cache_folder() -> str:
 @contextmanager
 def _locked(path: str) -> Iterator[None]:
     """Hold an exclusive lock on `path` (created if need be): one process at a time."""
+    import fcntl  # POSIX; imported here so that resolving a plain file path needs none
     with open(path, 'a') as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
