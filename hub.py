@@ -174,22 +174,44 @@ def _check_fits(source: Source, target, layout) -> None:
 
 # ---------------------------------------------------------------- the cache
 
+def _untrusted_reason(folder: str) -> Optional[str]:
+    """Why `folder` must not hold weights to load, or None: it must be a folder (not a
+    link) of this user's that nobody else can write, below folders that only this user
+    or root can change (one that others may write, as /tmp, only with the sticky bit,
+    which keeps them from renaming what is in it). The same rule as cpu_kernels' cache."""
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        return f'{folder} is not a folder'
+    if info.st_uid != os.getuid():
+        return f'{folder} belongs to another user (uid {info.st_uid})'
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f'{folder} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})'
+    parent = os.path.dirname(os.path.abspath(folder))
+    while True:
+        above = os.stat(parent)
+        shared = above.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not above.st_mode & stat.S_ISVTX
+        if above.st_uid not in (0, os.getuid()) or shared:
+            return f'{parent}, above {folder}, can be changed by other users'
+        if parent == os.path.dirname(parent):
+            return None
+        parent = os.path.dirname(parent)
+
+
 def cache_folder() -> str:
-    """``<CVT_CACHE_DIR or ~/.cache/cvt-paddle>/weights``, created 0700; refused when
-    another user owns it or others may write to it (they could swap the weights)."""
+    """``<CVT_CACHE_DIR or ~/.cache/cvt-paddle>/weights``, created private (0700); refused
+    when others could change what is in it (they would choose the weights loaded)."""
     root = os.environ.get('CVT_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'cvt-paddle')
     folder = os.path.join(root, 'weights')
     try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        info = os.stat(folder)
+        reason = _untrusted_reason(folder)
     except OSError as err:
         raise WeightsUnavailable(f'{folder}: the weights cache cannot be made ({err.strerror}); '
                                  f'set CVT_CACHE_DIR to a folder of yours') from None
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
-        owner = 'another user owns it' if info.st_uid != os.getuid() else \
-            f'others may write to it (mode {stat.filemode(info.st_mode)})'
-        raise WeightsUnavailable(f'{folder}: not trusted as the weights cache, {owner}; '
-                                 f'chmod 700 {folder} if it is yours, or set CVT_CACHE_DIR to a folder of yours')
+    if reason is not None:
+        raise WeightsUnavailable(f'not using {folder} as the weights cache: {reason}; make it yours alone '
+                                 f'(chmod go-w), or set CVT_CACHE_DIR to a folder that only you can write')
     return folder
 
 

@@ -1,12 +1,14 @@
 """Official microsoft/CvT and Hugging Face CvT weights in this project's (PaddleViT's) layout.
 
 `read_checkpoint` reads an official PyTorch checkpoint (`.pth`: a state dict,
-bare or under 'state_dict' / 'model', keys possibly prefixed 'module.') or a
+bare or under 'state_dict' / 'model', keys possibly prefixed 'module.'), a
 Hugging Face `CvtForImageClassification` checkpoint (`model.safetensors`,
-`pytorch_model.bin`, or the folder holding either) into NumPy arrays, without
-running code: safetensors hold none, and torch's zip files are read by
-torch_file.py without PyTorch (only a file in torch's legacy pre-1.6 format
-needs PyTorch, and is read with ``weights_only=True``).
+`pytorch_model.bin`, or the folder holding either) or weights already in this
+project's layout (`.pdparams`, `.safetensors`) into NumPy arrays, without
+running code: safetensors hold none, a `.pdparams` goes through fileio's
+restricted unpickler, and torch's zip files are read by torch_file.py without
+PyTorch (only a file in torch's legacy pre-1.6 format needs PyTorch, and is
+read with ``weights_only=True``).
 
 `convert_state_dict` maps the names onto PaddleViT's layout, drops the
 BatchNorm step counters, transposes Linear weights to Paddle's [in, out] and
@@ -91,12 +93,15 @@ def _read_torch(path: str) -> Dict[str, np.ndarray]:
     return {str(k): _torch_to_numpy(v) for k, v in state.items()}
 
 
-def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+def _read_with_fileio(path: str) -> Dict[str, np.ndarray]:
+    """A .safetensors file, or a Paddle .pdparams read without running code."""
     try:
-        return load_file(path)
-    except Exception as err:  # safetensors raises its own error types
-        raise ConversionError(f'{path}: not a readable safetensors file ({err})') from None
+        state = fileio.load(path, return_numpy=True)
+    except fileio.FileFormatError as err:
+        raise ConversionError(str(err)) from None
+    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
+        raise ConversionError(f'{path}: not a state dict of weights')
+    return state
 
 
 def read_checkpoint(path: str) -> Dict[str, np.ndarray]:
@@ -110,12 +115,12 @@ def read_checkpoint(path: str) -> Dict[str, np.ndarray]:
         path = found[0]  # safetensors first: it needs no torch
     if not os.path.isfile(path):
         raise ConversionError(f'{path}: no such file or folder')
-    if path.endswith('.safetensors'):
-        state = _read_safetensors(path)
+    if path.endswith(('.safetensors', '.pdparams')):
+        state = _read_with_fileio(path)
     elif path.endswith(TORCH_SUFFIXES):
         state = _read_torch(path)
     else:
-        raise ConversionError(f'{path}: unknown checkpoint type (expected .safetensors, '
+        raise ConversionError(f'{path}: unknown checkpoint type (expected .safetensors, .pdparams, '
                               f'{", ".join(TORCH_SUFFIXES)} or a Hugging Face folder)')
     if state and all(k.startswith('module.') for k in state):
         state = {k[len('module.'):]: v for k, v in state.items()}
@@ -152,6 +157,11 @@ def _replace_prefix(name: str, table: Mapping[str, str]) -> Optional[str]:
         if name.startswith(old) and '.' not in name[len(old):]:
             return new + name[len(old):]
     return None
+
+
+def is_paddle_layout(names: Iterable[str]) -> bool:
+    """True when the names are already this project's (PaddleViT's): `stages.<i>.`, not `stage<i>.`."""
+    return any(name.startswith('stages.') for name in names)
 
 
 def is_hf_layout(names: Iterable[str]) -> bool:
@@ -217,9 +227,9 @@ def layout_of(model: nn.Layer) -> TargetLayout:
 
 
 def convert_state_dict(source: Mapping[str, np.ndarray], layout: TargetLayout) -> Dict[str, np.ndarray]:
-    """Official or Hugging Face CvT tensors -> this project's state dict, checked
-    against `layout`; raises ConversionError naming unmapped, unfilled or mis-shaped keys."""
-    hf = is_hf_layout(source)
+    """Official, Hugging Face or this project's CvT tensors -> this project's state dict,
+    checked against `layout`; raises ConversionError naming unmapped, unfilled or mis-shaped keys."""
+    hf, ours = is_hf_layout(source), is_paddle_layout(source)
     converted: Dict[str, np.ndarray] = {}
     origin: Dict[str, str] = {}
     unmapped: List[str] = []
@@ -229,15 +239,16 @@ def convert_state_dict(source: Mapping[str, np.ndarray], layout: TargetLayout) -
             if not src_name.endswith('.num_batches_tracked'):
                 unmapped.append(src_name)
             continue
-        name = official_to_paddle(official)
+        name = official if ours else official_to_paddle(official)
         if name is None:
             continue
         if name not in layout.shapes or name in converted:
             unmapped.append(src_name)
             continue
-        converted[name] = array.T if name in layout.linear_weights and array.ndim == 2 else array
+        transposed = not ours and name in layout.linear_weights and array.ndim == 2
+        converted[name] = array.T if transposed else array
         origin[name] = src_name
-    kind = 'Hugging Face' if hf else 'official'
+    kind = 'Hugging Face' if hf else 'this project\'s' if ours else 'official'
     if unmapped:
         raise ConversionError(f'{len(unmapped)} {kind} tensors have no place in the model: '
                               f'{_listing(unmapped)}')
@@ -255,13 +266,14 @@ def with_head_of(layout: TargetLayout, source: Mapping[str, np.ndarray]) -> Targ
     """`layout` with the classifier head that the checkpoint `source` holds, of any class
     count or none, in place of the model's own: the whole checkpoint converts for a model
     of the same architecture fine-tuned to other classes (or without a classifier)."""
-    hf = is_hf_layout(source)
+    hf, ours = is_hf_layout(source), is_paddle_layout(source)
     shapes = {k: v for k, v in layout.shapes.items() if k not in HEAD_KEYS}
     dtypes = {k: v for k, v in layout.dtypes.items() if k not in HEAD_KEYS}
     for src_name, array in source.items():
         name = hf_to_official(src_name) if hf else src_name
         if name in HEAD_KEYS:
-            # stored as PyTorch's [out, in]; this project's Linear weights are [in, out]
-            shapes[name] = tuple(reversed(array.shape)) if name == 'head.weight' else tuple(array.shape)
+            # PyTorch stores a Linear weight [out, in]; this project's are [in, out]
+            transposed = name == 'head.weight' and not ours
+            shapes[name] = tuple(reversed(array.shape)) if transposed else tuple(array.shape)
             dtypes[name] = layout.dtypes.get(name, np.dtype(np.float32))
     return TargetLayout(shapes=shapes, dtypes=dtypes, linear_weights=layout.linear_weights | {'head.weight'})

@@ -299,16 +299,22 @@ def test_no_network_is_one_line(env, checkpoint, monkeypatch, capfd):
     assert capfd.readouterr().err == f'{NAME}: getting the weights of {REPO} from {env.url} ...\n'
 
 
-def test_a_weights_cache_others_may_write_or_own_is_refused(env, monkeypatch):
+def test_a_weights_cache_others_could_change_is_refused(env, monkeypatch):
     folder = hub.cache_folder()
+    assert oct(os.stat(folder).st_mode & 0o777) == '0o700'
     os.chmod(folder, 0o777)
-    with pytest.raises(hub.WeightsUnavailable, match=r'weights: not trusted as the weights cache, others may write '
-                                                     r'to it \(mode drwxrwxrwx\); chmod 700 .*, or set CVT_CACHE_DIR'):
+    with pytest.raises(hub.WeightsUnavailable, match=rf'^not using {folder} as the weights cache: {folder} is '
+                                                     r'writable by other users \(mode 777\); make it yours alone '
+                                                     r'\(chmod go-w\), or set CVT_CACHE_DIR to a folder'):
         hub.cache_folder()
     os.chmod(folder, 0o700)
+    os.chmod(os.path.dirname(folder), 0o777)  # others could rename the weights folder away
+    with pytest.raises(hub.WeightsUnavailable, match=r'cvt, above .*weights, can be changed by other users'):
+        hub.cache_folder()
+    os.chmod(os.path.dirname(folder), 0o700)
     uid = os.getuid()
     monkeypatch.setattr(os, 'getuid', lambda: uid + 1)
-    with pytest.raises(hub.WeightsUnavailable, match=r'not trusted as the weights cache, another user owns it'):
+    with pytest.raises(hub.WeightsUnavailable, match=rf'weights belongs to another user \(uid {uid}\)'):
         hub.cache_folder()
 
 

@@ -1,30 +1,32 @@
-"""Convert official microsoft/CvT or Hugging Face CvT weights to this project's `.pdparams`
-(or `.safetensors`).
+"""Convert CvT weights to this project's layout, as `.pdparams` or `.safetensors`.
 
     python tools/convert_weights.py SRC DST.pdparams -cfg configs/cvt-13-224x224.yaml
+    python tools/convert_weights.py SRC DST.safetensors -cfg configs/cvt-13-224x224.yaml
 
 SRC is one of
   * an official PyTorch checkpoint (`.pth`): a state dict, bare or under
     'state_dict' / 'model', keys possibly prefixed 'module.';
   * a Hugging Face `CvtForImageClassification` checkpoint: `model.safetensors`,
-    `pytorch_model.bin`, or the folder holding either.
-Both are read without running code and without PyTorch (weight_conversion.py;
-only a file in PyTorch's legacy pre-1.6 format needs it).
+    `pytorch_model.bin`, or the folder holding either;
+  * weights in this project's (PaddleViT's) layout, `.pdparams` or `.safetensors`:
+    a `.pdparams` from elsewhere is read without running code, so converting it
+    to `.safetensors` once gives a file that any tool can load safely.
+Every one is read without running code, and without PyTorch (weight_conversion.py;
+only a `.pth` in PyTorch's legacy pre-1.6 format needs it).
 
 Names are mapped onto PaddleViT's layout, BatchNorm step counters dropped and
 Linear weights transposed to Paddle's [in, out]. The result is checked against
 the model that -cfg builds: a source tensor with no place in it, a model
 weight left unfilled or a shape that disagrees stops the conversion with one
 line naming the keys (exit code 2), and nothing is written. The output is
-written atomically; a DST ending in `.safetensors` is written in that format.
-The released weights need no conversion by hand: `-pretrained cvt-13-224`
-fetches and converts them (hub.py, docs/tools.md).
+written atomically; its suffix picks the format. The released weights need no
+conversion by hand: `-pretrained cvt-13-224` fetches and converts them (hub.py,
+docs/tools.md).
 """
 
 import argparse
 import os
 import sys
-import tempfile
 from typing import Mapping, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,21 +46,12 @@ from weight_conversion import (ConversionError, convert_state_dict, layout_of,  
                                read_checkpoint)
 
 
-def save_atomically(state: Mapping[str, np.ndarray], path: str) -> None:
-    """paddle.save `state` (as tensors) to `path` via a temporary file in the same folder,
-    so `path` never holds a partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    os.close(fd)  # paddle.save takes a path (or BytesIO), not an open file
-    try:
-        paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def save(state: Mapping[str, np.ndarray], path: str) -> None:
+    """Write `state` to `path` atomically: safetensors for a `.safetensors` path, else paddle.save."""
+    if path.endswith(fileio.SAFETENSORS_SUFFIX):
+        fileio.save_safetensors(state, path)
+    else:
+        fileio.save({k: paddle.to_tensor(v) for k, v in state.items()}, path)
 
 
 def convert(src: str, dst: str, cfg: str, opts: Sequence[str] = ()) -> int:
@@ -67,14 +60,13 @@ def convert(src: str, dst: str, cfg: str, opts: Sequence[str] = ()) -> int:
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(folder):
         raise ConversionError(f'{dst}: folder {folder} does not exist')
+    if os.path.isdir(dst):
+        raise ConversionError(f'{dst}: is a folder; give the output file\'s name (.pdparams or .safetensors)')
     config = get_config(cfg, opts)
     with paddle.LazyGuard():  # shapes only: no memory or time spent on weights
         layout = layout_of(build_cvt(config))
     state = convert_state_dict(read_checkpoint(src), layout)
-    if dst.endswith(fileio.SAFETENSORS_SUFFIX):
-        fileio.save_safetensors(state, dst)
-    else:
-        save_atomically(state, dst)
+    save(state, dst)
     return len(state)
 
 
@@ -82,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('src', help='official .pth, Hugging Face model.safetensors / '
                                     'pytorch_model.bin, or the folder holding one')
-    parser.add_argument('dst', help='output .pdparams (or .safetensors)')
+    parser.add_argument('dst', help='output .pdparams or .safetensors')
     parser.add_argument('-cfg', required=True, help='config yaml of the model the weights are for')
     add_opts_argument(parser)
     args = parser.parse_args(argv)
