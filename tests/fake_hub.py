@@ -6,7 +6,8 @@ serves itself: the commit in ``X-Repo-Commit``, the file's sha256 (the LFS
 object id) in ``X-Linked-Etag`` and ``ETag``, its size in ``X-Linked-Size`` and
 ``Content-Length``; and a missing repository, revision or file with a 404 and
 the Hub's ``X-Error-Code`` (RepoNotFound, RevisionNotFound, EntryNotFound).
-Every request is recorded, so that a test can tell that none was made.
+Every request is recorded, so that a test can tell that none was made;
+`cut_downloads` GETs are broken off halfway, as by a lost connection.
 """
 
 import hashlib
@@ -32,6 +33,7 @@ class FakeHub:
         self.repos: Dict[str, Dict[str, HubFile]] = {}
         self.requests: List[Tuple[str, str]] = []
         self.before_download: Optional[Callable[[], None]] = None  # called before a file's bytes go out
+        self.cut_downloads = 0
         self.server = ThreadingHTTPServer(('127.0.0.1', 0), self._handler())
         self.url = f'http://127.0.0.1:{self.server.server_port}'
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -64,11 +66,16 @@ class FakeHub:
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
-                self.send_header('Content-Length', str(len(body) if status != 200 else headers['X-Linked-Size']))
+                self.send_header('Content-Length', str(len(body)))
                 self.end_headers()
                 if self.command == 'GET' and body:
                     if hub.before_download is not None:
                         hub.before_download()
+                    if hub.cut_downloads:
+                        hub.cut_downloads -= 1
+                        self.wfile.write(body[:len(body) // 2])
+                        self.close_connection = True
+                        return
                     self.wfile.write(body)
 
             def _resolve(self):

@@ -257,6 +257,26 @@ def test_tampered_bytes_stop_with_both_digests_and_leave_no_file_in_either_cache
     assert_converted(hub.weights_path(NAME, get_config(checkpoint['cfg'])), checkpoint)
 
 
+def test_an_interrupted_download_starts_again_and_a_lost_one_leaves_nothing_behind(env, checkpoint, monkeypatch, capfd):
+    monkeypatch.setattr(time, 'sleep', lambda seconds: None)  # huggingface_hub's pause before it resumes
+    env.add(REPO, 'pytorch_model.bin', checkpoint['bin'])
+    env.cut_downloads = 1
+    assert_converted(hub.weights_path(NAME, get_config(checkpoint['cfg'])), checkpoint)
+    assert env.downloads('pytorch_model.bin') == 2  # huggingface_hub tried again (resuming past 10 MB chunks)
+    os.remove(env.cache / 'test--cvt-tiny.safetensors')
+    env.add('test/cut', 'pytorch_model.bin', checkpoint['bin'])
+    env.cut_downloads = 100  # the connection never holds
+    with pytest.raises(hub.WeightsUnavailable, match=r'^hf-hub:test/cut: fetching pytorch_model\.bin of test/cut at '
+                                                     r'http://127\.0\.0\.1:\d+ failed \(RemoteProtocolError: .*\); '
+                                                     r'or place the weights by hand'):
+        hub.weights_path('hf-hub:test/cut', get_config(checkpoint['cfg']))
+    assert list(env.hf_cache.rglob('*.incomplete')) == [] and \
+        list((env.hf_cache / 'models--test--cut' / 'blobs').iterdir()) == []
+    assert [p.name for p in env.cache.iterdir() if p.name != '.lock'] == []
+    err = capfd.readouterr().err  # huggingface_hub's notes on each try stay off the terminal
+    assert 'Trying to resume' not in err and 'Max retries' not in err
+
+
 def test_a_file_the_hub_keeps_in_git_is_checked_against_its_git_digest(env, checkpoint):
     env.add(REPO, 'model.safetensors', checkpoint['safetensors'])
     data = checkpoint['safetensors']
