@@ -28,7 +28,6 @@ import ctypes
 import hashlib
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from typing import Optional, Sequence, Tuple
 import paddle
 from paddle.autograd import PyLayer
 
+import fileio
 from runtime import cpu_info, usable_cores
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_kernels.c')
@@ -111,43 +111,6 @@ def _paddle_openmp() -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
-def _cache_dir() -> str:
-    """CVT_CACHE_DIR, else ~/.cache/cvt-paddle (created private where it is missing)."""
-    folder = os.environ.get('CVT_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'cvt-paddle')
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-    except OSError:
-        pass  # `_untrusted_reason` reports it
-    return folder
-
-
-def _untrusted_reason(path: str, is_folder: bool) -> Optional[str]:
-    """Why a library at (or a folder of libraries at) `path` must not be loaded from,
-    or None: it must be ours, a plain file or folder, and writable by nobody else,
-    and so must be every folder above it (a folder others may write, such as /tmp,
-    is fine above it only with the sticky bit, which keeps them from renaming it)."""
-    try:
-        info = os.lstat(path)
-    except OSError as err:
-        return f'{path} cannot be used ({err.strerror})'
-    kind = stat.S_ISDIR if is_folder else stat.S_ISREG
-    if not kind(info.st_mode):
-        return f'{path} is not a {"folder" if is_folder else "plain file"}'
-    if info.st_uid != os.getuid():
-        return f'{path} belongs to another user (uid {info.st_uid})'
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f'{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})'
-    parent = os.path.dirname(os.path.abspath(path))
-    while True:
-        above = os.stat(parent)
-        shared = above.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not above.st_mode & stat.S_ISVTX
-        if above.st_uid not in (0, os.getuid()) or shared:
-            return f'{parent}, above {path}, can be changed by other users'
-        if parent == os.path.dirname(parent):
-            return None
-        parent = os.path.dirname(parent)
-
-
 def library_name(isa: str, compiler: str) -> str:
     """The cached library's file name: a new one whenever the source, flags, compiler or
     Paddle's OpenMP runtime change."""
@@ -162,11 +125,15 @@ def _library_path(name: str) -> Tuple[str, Optional[str]]:
     folder made for it (to remove once it is loaded), if any: the cache folder when
     only this user can write it, else a fresh private folder (with one warning). A
     library in the cache that others could have written is removed, not loaded."""
-    folder = _cache_dir()
-    reason = _untrusted_reason(folder, is_folder=True)
+    folder = fileio.cache_root()
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError:
+        pass  # `untrusted_reason` reports it
+    reason = fileio.untrusted_reason(folder)
     if reason is None:
         path = os.path.join(folder, name)
-        if os.path.lexists(path) and _untrusted_reason(path, is_folder=False) is not None:
+        if os.path.lexists(path) and fileio.untrusted_reason(path, is_folder=False) is not None:
             os.remove(path)  # the folder is ours: build it again
         return path, None
     fresh = tempfile.mkdtemp(prefix='cvt-kernels-')  # 0700, an unpredictable name

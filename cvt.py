@@ -444,12 +444,20 @@ HEAD_KEYS = ('head.weight', 'head.bias')
 WEIGHTS_SUFFIXES = ('.pdparams', fileio.SAFETENSORS_SUFFIX)
 
 
-def resolve_weights_path(path: str) -> str:
-    """PaddleViT style: `path` may omit the `.pdparams` (or `.safetensors`) suffix."""
+def resolve_weights_path(path: str, target=None) -> str:
+    """PaddleViT style: `path` may omit the `.pdparams` (or `.safetensors`) suffix.
+
+    A `path` that is no file but names released weights (`cvt-13-224`, `hf-hub:ORG/REPO`)
+    gives their converted file, fetched on first use (hub.py) for `target`: the config of
+    the model they are for, or the model (None: a zoo name's own config)."""
     for candidate in (path,) + tuple(path + suffix for suffix in WEIGHTS_SUFFIXES):
         if os.path.isfile(candidate):
             return candidate
-    raise FileNotFoundError(f'weights file not found: {path} (nor {path}.pdparams, {path}.safetensors)')
+    import hub  # weights by name (hub.weights_path raises hub.WeightsUnavailable, a FileNotFoundError)
+    if hub.is_weights_name(path):
+        return hub.weights_path(path, target)
+    raise FileNotFoundError(f'weights file not found: {path} (nor {path}.pdparams, {path}.safetensors)'
+                            + hub.names_hint(path))
 
 
 def load_pretrained(model: nn.Layer, path: str, log=print, allow_other_head: bool = True) -> List[str]:
@@ -461,7 +469,7 @@ def load_pretrained(model: nn.Layer, path: str, log=print, allow_other_head: boo
     is an error like any other); any other missing, unexpected or mis-shaped key
     is a ValueError that lists them. Returns the keys left out.
     """
-    path = resolve_weights_path(path)
+    path = resolve_weights_path(path, model)
     state = fileio.load_state_dict(path)
     own = model.state_dict()
     shape = lambda t: tuple(int(s) for s in t.shape)

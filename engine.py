@@ -378,15 +378,10 @@ def _check_data_sizes(config, train_set, val_set, world_size: int) -> None:
 
 def check_paths(config) -> None:
     """Fail on missing weights or data before anything is built (cheap: a
-    launcher calls it before starting processes)."""
+    launcher calls it before starting processes). Weights given by name are
+    fetched here, once, after the other checks (hub.py)."""
     if not os.path.isdir(config.DATA.DATA_PATH):
         raise UsageError(f'-data_path {config.DATA.DATA_PATH}: folder not found')
-    for flag, path in (('-pretrained', config.MODEL.PRETRAINED), ('-resume', config.MODEL.RESUME)):
-        if path and not (flag == '-resume' and path == checkpoint.AUTO):
-            try:
-                fileio.check_header(cvt.resolve_weights_path(path))
-            except (FileNotFoundError, fileio.FileFormatError) as err:
-                raise UsageError(f'{flag}: {err}') from None
     if config.EVAL and config.MODEL.RESUME == checkpoint.AUTO:
         raise UsageError('-resume auto is for training; -eval takes the weights with -pretrained PATH')
     if config.EVAL and not (config.MODEL.PRETRAINED or config.MODEL.RESUME):
@@ -400,10 +395,16 @@ def check_paths(config) -> None:
                              f'TRAIN.TEACHER_CFG and TRAIN.TEACHER_PRETRAINED')
         if not os.path.isfile(config.TRAIN.TEACHER_CFG):
             raise UsageError(f'TRAIN.TEACHER_CFG {config.TRAIN.TEACHER_CFG}: config file not found')
-        try:
-            fileio.check_header(cvt.resolve_weights_path(config.TRAIN.TEACHER_PRETRAINED))
-        except (FileNotFoundError, fileio.FileFormatError) as err:
-            raise UsageError(f'TRAIN.TEACHER_PRETRAINED: {err}') from None
+    weights = [('-pretrained', config.MODEL.PRETRAINED, config), ('-resume', config.MODEL.RESUME, None)]
+    if config.TRAIN.DISTILLATION_TYPE != 'none' and not config.EVAL:
+        weights.append(('TRAIN.TEACHER_PRETRAINED', config.TRAIN.TEACHER_PRETRAINED,
+                        get_config(config.TRAIN.TEACHER_CFG)))
+    for flag, path, model_config in weights:
+        if path and not (flag == '-resume' and path == checkpoint.AUTO):
+            try:
+                fileio.check_header(cvt.resolve_weights_path(path, model_config))
+            except (FileNotFoundError, fileio.FileFormatError) as err:
+                raise UsageError(f'{flag}: {err}') from None
 
 
 def _check_classes(config, data_classes: int, logger) -> None:

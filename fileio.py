@@ -20,6 +20,7 @@ import codecs
 import collections
 import os
 import pickle
+import stat
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import numpy as np
@@ -110,7 +111,7 @@ def unpickle(file, source: str, encoding: str = 'ASCII',
     """Unpickle the open binary `file` (named `source` in errors), allowing only
     `SAFE_GLOBALS` (and `extra_globals`, whose callables must be as harmless);
     `persistent_load` resolves persistent ids (none are allowed without it)."""
-    allowed = dict(SAFE_GLOBALS, **(extra_globals or {}))
+    allowed = {**SAFE_GLOBALS, **(extra_globals or {})}
     try:
         return _RestrictedUnpickler(file, source, allowed, persistent_load, encoding=encoding).load()
     except UnsafeFileError as err:
@@ -244,6 +245,42 @@ def load_state_dict(path: str) -> Dict[str, Any]:
         raise FileFormatError(f'{path}: not a state dict of weights (entries that are no tensors: '
                               f'{", ".join(others[:5])})')
     return state
+
+
+# ---------------------------------------------------------------- the cache
+
+def cache_root() -> str:
+    """CVT_CACHE_DIR, else ~/.cache/cvt-paddle: the compiled kernels, the released weights."""
+    return os.environ.get('CVT_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'cvt-paddle')
+
+
+def untrusted_reason(path: str, is_folder: bool = True) -> Optional[str]:
+    """Why code or weights at `path` (a file, or a folder of them) must not be loaded, or
+    None: it must be this user's, a plain file or folder (not a link), writable by
+    nobody else, and every folder above it must be this user's or root's and not
+    writable by others (one that others may write, such as /tmp, is fine only with
+    the sticky bit, which keeps them from renaming what is in it)."""
+    try:
+        info = os.lstat(path)
+    except OSError as err:
+        return f'{path} cannot be used ({err.strerror})'
+    kind = stat.S_ISDIR if is_folder else stat.S_ISREG
+    if not kind(info.st_mode):
+        return f'{path} is not a {"folder" if is_folder else "plain file"}'
+    if info.st_uid != os.getuid():
+        return f'{path} belongs to another user (uid {info.st_uid})'
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f'{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})'
+    parent = os.path.dirname(os.path.abspath(path))
+    while True:
+        above = os.stat(parent)
+        shared = above.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not above.st_mode & stat.S_ISVTX
+        if above.st_uid not in (0, os.getuid()) or shared:
+            return f'{parent}, above {path}, can be changed by other users'
+        if parent == os.path.dirname(parent):
+            return None
+        parent = os.path.dirname(parent)
+
 
 
 # ---------------------------------------------------------------- writing

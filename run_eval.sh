@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Evaluate CvT-13 (224x224) weights on the ImageNet val set on one GPU.
-# Change the settings below, or set them in the environment; PRETRAINED may
-# omit .pdparams. Extra arguments go to main_single_gpu.py.
+# Change the settings below, or set them in the environment; PRETRAINED is a
+# weights file (.pdparams may be omitted) or released weights by name (cvt-13-224:
+# fetched and converted on first use). Extra arguments go to main_single_gpu.py.
 CONFIG=${CONFIG:-./configs/cvt-13-224x224.yaml}
 DATA_PATH=${DATA_PATH:-/dataset/imagenet}
-PRETRAINED=${PRETRAINED:-./cvt-13-224x224}
+PRETRAINED=${PRETRAINED:-cvt-13-224}
 OUTPUT=${OUTPUT:-./output/eval}
 BATCH_SIZE=${BATCH_SIZE:-64}
 GPUS=${GPUS:-0}

@@ -61,7 +61,8 @@ def get_arguments(description: str) -> argparse.Namespace:
                         help='processes to start (main_multi_gpu.py); default: every visible GPU')
     parser.add_argument('-num_classes', type=int, default=None)
     parser.add_argument('-pretrained', type=str, default=None,
-                        help='weights to evaluate or fine-tune from (.pdparams optional)')
+                        help='weights to evaluate or fine-tune from (.pdparams optional), or released '
+                             'weights by name: cvt-13-224, ..., hf-hub:ORG/REPO (fetched on first use)')
     parser.add_argument('-resume', type=str, default=None,
                         help='checkpoint to continue training from (.pdparams optional), or auto: '
                              'the newest whole one in -output, if any')

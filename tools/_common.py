@@ -32,7 +32,9 @@ def add_model_arguments(parser) -> None:
     run with the config it was fine-tuned from; `model_config` reads them."""
     parser.add_argument('-cfg', required=True, help='model config yaml')
     add_opts_argument(parser)
-    parser.add_argument('-pretrained', required=True, help='weights (.pdparams; the suffix may be left out)')
+    parser.add_argument('-pretrained', required=True,
+                        help='weights (.pdparams or .safetensors; the suffix may be left out), or released '
+                             'weights by name: cvt-13-224, ..., hf-hub:ORG/REPO (docs/tools.md)')
     parser.add_argument('-num_classes', type=int, default=None,
                         help='classes of the model (default MODEL.NUM_CLASSES of the config)')
     parser.add_argument('-image_size', type=int, default=None,
@@ -79,12 +81,13 @@ def check_output_file(path: str) -> str:
     return path
 
 
-def check_weights_file(path: str) -> str:
-    """The weights file `path` names (with or without `.pdparams`), or exit."""
+def check_weights_file(path: str, config=None) -> str:
+    """The weights file `path` names (with or without `.pdparams`), or exit; released
+    weights by name are fetched and converted for the model of `config` (hub.py)."""
     from cvt import resolve_weights_path
     from fileio import FileFormatError, check_header
     try:
-        return check_header(resolve_weights_path(path))
+        return check_header(resolve_weights_path(path, config))
     except (FileNotFoundError, FileFormatError) as err:
         fail(str(err))
 

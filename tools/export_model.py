@@ -79,9 +79,9 @@ def export(model: paddle.nn.Layer, config, output_dir: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = classifier_config(args)
-    weights = check_weights_file(args.pretrained)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         fail(f'{args.output}: exists and is not a folder')
+    weights = check_weights_file(args.pretrained, config)  # may fetch: after the cheap checks
     model = load_model(config, weights)
     path = export(model, config, args.output)
     print(f'wrote {path}, {os.path.join(args.output, MODEL_PREFIX)}.pdiparams and '

@@ -147,16 +147,16 @@ def largest_difference(session, images: list, expected: list) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = classifier_config(args)
-    weights = check_weights_file(args.pretrained)
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         fail(f'-opset {args.opset}: paddle2onnx 2.1 writes opsets {MIN_OPSET} to {MAX_OPSET}')
     if os.path.isdir(args.output):
         fail(f'{args.output}: is a folder; name the .onnx file to write')
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         fail(f'{args.output}: its folder does not exist')
-    model = load_model(config, weights)
     import_converter()
     import_onnxruntime()
+    weights = check_weights_file(args.pretrained, config)  # may fetch: after the cheap checks
+    model = load_model(config, weights)
 
     images = check_images(config.DATA.IMAGE_SIZE)
     expected = paddle_logits(model, images)  # the model as the project runs it, fast paths included

@@ -55,9 +55,9 @@ def main(argv=None) -> int:
         check_attention_memory(config, batch_size)
     except UsageError as err:
         fail(str(err))
-    weights = check_weights_file(args.pretrained)
     labels = read_labels(args.labels, num_classes)
     images = list_images(args.images)
+    weights = check_weights_file(args.pretrained, config)  # may fetch: after the cheap checks
     model = load_model(config, weights)
     done = print_predictions(images, val_transform(config), batch_size, logits_function(model),
                              args.topk, labels)

@@ -224,7 +224,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = model_config(args)
     stage, block = check_args(args, config)
-    weights = check_weights_file(args.pretrained)
     num_classes = config.MODEL.NUM_CLASSES
     labels = read_labels(args.labels, num_classes) if num_classes else None
     if not os.path.isfile(args.image):
@@ -232,6 +231,7 @@ def main(argv=None) -> int:
     picture = read_image(args.image)
     if picture is None:
         fail(f'{args.image}: not a readable image')
+    weights = check_weights_file(args.pretrained, config)  # may fetch: after the cheap checks
     array = val_transform(config)(picture)
     model = load_model(config, weights)
 
