@@ -26,6 +26,7 @@ them); in evaluation a placeholder does, which `engine.validate` leaves out and
 names, so that the evaluation is of the images it says.
 """
 
+import functools
 import math
 import os
 import tarfile
@@ -402,7 +403,8 @@ def get_dataloader(config, dataset: AugmentedDataset, mode: str, multi_process: 
     return paddle.io.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                 collate_fn=collate,
                                 persistent_workers=workers > 0, return_list=True,
-                                worker_init_fn=loader_worker_init if workers > 0 else None)
+                                worker_init_fn=functools.partial(loader_worker_init, parent=os.getpid())
+                                if workers > 0 else None)
 
 
 def set_epoch(loader: paddle.io.DataLoader, epoch: int, first_batch: int = 0) -> None:

@@ -41,6 +41,12 @@ def worker(config) -> None:
     utils.report_errors(engine.run, config, multi_process=True, quiet=quiet)
 
 
+def spawned_worker(config, launcher: int) -> None:
+    """A training process started by this launcher: it ends should the launcher die."""
+    preemption.die_with_parent(launcher)
+    worker(config)
+
+
 def process_count(requested: int) -> int:
     gpus = paddle.device.cuda.device_count() if paddle.device.is_compiled_with_cuda() else 0
     if requested and requested > 0:
@@ -67,8 +73,8 @@ def main() -> None:
         threads = str(max(1, len(os.sched_getaffinity(0)) // nprocs))
         os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = threads
     with preemption.deferred_stop_requests():
-        processes = dist.spawn(worker, args=(config,), nprocs=nprocs, backend='gloo' if on_cpu else 'nccl',
-                               join=False)
+        processes = dist.spawn(spawned_worker, args=(config, os.getpid()), nprocs=nprocs,
+                               backend='gloo' if on_cpu else 'nccl', join=False)
     with preemption.ForwardStopSignals([p.pid for p in processes.processes]) as stop:
         try:
             while not processes.join():

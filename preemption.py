@@ -14,14 +14,22 @@ Loader worker processes ignore SIGINT and SIGUSR1 (`loader_worker_init`): their
 training process decides when to stop, and a worker ending mid-epoch would fail
 its step. They do end on SIGTERM, so send SIGTERM to the training process (or to
 main_multi_gpu.py's launcher), not to the whole process group.
+
+Nothing outlives a run: `ended_with_the_run` wraps an entry point's whole run
+(outside the epoch loop a stop signal ends it at once, with the same exit
+codes) and on every way out ends the loader workers; a worker, or a training
+process of the launcher, that loses its parent is killed by the kernel
+(`die_with_parent`), even if the parent died before the child could ask for it.
 """
 
 import contextlib
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Dict, Iterator, List, Optional
 
@@ -84,18 +92,64 @@ class StopSignals:
         return CODE_NAMES.get(code, f'exit code {code}')
 
 
-def loader_worker_init(worker_id: int) -> None:
-    """DataLoader worker_init_fn: leave SIGINT (Ctrl-C reaches the whole process
-    group) and SIGUSR1 to the training process, and die with that process should
-    it be killed (Linux) rather than wait for it forever.
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when its parent (pid `parent`) ends (Linux);
+    if the parent ended already, before this could be asked, end now."""
+    if not sys.platform.startswith('linux'):
+        return
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def loader_worker_init(worker_id: int, parent: int) -> None:
+    """DataLoader worker_init_fn (with `parent`, the training process's pid, bound by
+    functools.partial): leave SIGINT (Ctrl-C reaches the whole process group) and
+    SIGUSR1 to the training process, and die with that process rather than wait
+    for it forever.
 
     SIGTERM keeps the handler Paddle gives its workers (which replaces the one
-    inherited from the training process): it is how that process ends them at exit.
+    inherited from the training process): it is how that process ends them.
     """
     for signum in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
-    if sys.platform.startswith('linux'):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(parent)
+
+
+def end_loader_workers(timeout: float = 5.0) -> None:
+    """End this process's loader workers (Paddle starts them as daemonic processes,
+    which would otherwise be ended during the interpreter's exit, where a stuck
+    one can hang it): SIGTERM, then SIGKILL for any still there after `timeout`."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    for worker in workers:
+        worker.terminate()
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout)
+
+
+@contextlib.contextmanager
+def ended_with_the_run() -> Iterator[None]:
+    """Around an entry point's whole run: a SIGTERM or SIGINT outside the epoch loop
+    (which `StopSignals` handles) stops the run at once with exit code 143 or 130
+    (TrainingStopped); whatever the way out, the loader workers are ended."""
+    from utils import TrainingStopped
+
+    def stop_now(signum: int, frame: Optional[FrameType]) -> None:
+        raise TrainingStopped(f'stopped by {signal.Signals(signum).name}', EXIT_CODES[signum])
+
+    previous = {}
+    if _in_main_thread():
+        previous = {signum: signal.signal(signum, stop_now) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        end_loader_workers()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -195,8 +195,10 @@ def report_errors(func: Callable[..., None], *args, quiet: bool = False, **kwarg
     its traceback. `quiet` leaves the message of a usage error to another
     process that hits the same (deterministic) problem.
     """
+    from preemption import ended_with_the_run  # it imports Paddle: only here, at an entry point
     try:
-        func(*args, **kwargs)
+        with ended_with_the_run():
+            func(*args, **kwargs)
     except USAGE_ERRORS as err:
         fail(str(err), quiet=quiet)
     except NonFiniteLossError as err:
