@@ -176,8 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='square input size (default: the config\'s DATA.IMAGE_SIZE)')
     args = parser.parse_args(argv)
     try:
-        config = get_config(args.cfg, args.opts or ())
-        image_size = args.image_size or config.DATA.IMAGE_SIZE
+        config = get_config(args.cfg, list(args.opts or ()) + (
+            ['DATA.IMAGE_SIZE', str(args.image_size)] if args.image_size else []))
+        image_size = config.DATA.IMAGE_SIZE
         model = build_for_counting(config)
         params = count_parameters(model)
         macs = count_macs(model, image_size)
