@@ -194,15 +194,23 @@ def assert_same(expected, loaded, where):
         assert expected == loaded, where
 
 
-def test_a_checkpoint_of_paddle_2_6_loads(tmp_path):
-    """tests/data holds a tiny checkpoint written by Paddle 2.6.2 (weights and training state)."""
+def test_a_checkpoint_of_paddle_2_6_loads_and_resumes(setup, tmp_path):
+    """tests/data holds a tiny checkpoint written by Paddle 2.6.2 (weights, training state,
+    EMA) after epoch 1 of tiny_training's run with EMA."""
     folder = os.path.join(ROOT, 'tests', 'data', 'paddle26-checkpoint')
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         assert_same(paddle.load(path), fileio.load(path), path)
-    state = fileio.load(os.path.join(folder, 'CvT-Epoch-1-Loss-1.7911.pdopt'))
+    prefix = os.path.join(folder, 'CvT-Epoch-1-Loss-1.7911')
+    state = fileio.load(prefix + '.pdopt')
     assert state['format'] == checkpoint.TRAIN_STATE_FORMAT and state['epoch'] == 1
-    assert 'optimizer' in state and isinstance(next(iter(state['optimizer'].values())), paddle.Tensor)
+    assert isinstance(next(iter(state['optimizer'].values())), paddle.Tensor)
+    import engine
+    result = engine.run(tiny_config(setup['data'], str(tmp_path), {
+        'TRAIN.MODEL_EMA': True, 'TRAIN.NUM_EPOCHS': 2, 'MODEL.RESUME': prefix}))
+    log = (tmp_path / 'log.txt').read_text()
+    assert f'resumed from {prefix}.pdparams (after epoch 1)' in log
+    assert 'CvT-Epoch-2-Loss-' in result['checkpoint']
 
 
 def test_a_crafted_cifar_archive_is_refused(tmp_path):
