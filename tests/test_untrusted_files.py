@@ -220,3 +220,29 @@ def test_a_crafted_cifar_archive_is_refused(tmp_path):
     with pytest.raises(fileio.UnsafeFileError, match='batches.meta: refused to load: it asks for posix.system'):
         datasets.get_dataset(config, 'train')
     assert not os.path.exists(marker)
+
+
+def test_safetensors_weights_load_wherever_weights_are_taken(setup, tmp_path):
+    """convert_weights writes .safetensors; -pretrained takes it (suffix optional) in the tools,
+    and SAVE_SAFETENSORS writes every checkpoint's weights as safetensors too."""
+    clean = str(tmp_path / 'clean.safetensors')
+    converted = run(['tools/convert_weights.py', setup['checkpoint'] + '.pdparams', clean, '-cfg', setup['cfg']])
+    assert converted.returncode == 0, converted.stderr
+    image = os.path.join(setup['data'], 'val', 'n90000000', 'n90000000_val_00000.JPEG')
+    by_pdparams = run(['tools/predict.py', '-cfg', setup['cfg'], '-pretrained', setup['checkpoint'], image])
+    by_safetensors = run(['tools/predict.py', '-cfg', setup['cfg'], '-pretrained', clean[:-len('.safetensors')],
+                          image])
+    assert by_safetensors.returncode == 0, by_safetensors.stderr
+    assert by_safetensors.stdout.splitlines()[1:] == by_pdparams.stdout.splitlines()[1:]
+
+    import engine
+    result = engine.run(tiny_config(setup['data'], str(tmp_path / 'run'), {
+        **TINY, 'TRAIN.NUM_EPOCHS': 1, 'TRAIN.MODEL_EMA': True, 'SAVE_SAFETENSORS': True}))
+    prefix = result['checkpoint'][:-len('.pdparams')]
+    for stem in (prefix, prefix + '-EMA', str(tmp_path / 'run' / 'CvT-best')):
+        pickled, safe = fileio.load(stem + '.pdparams'), fileio.load(stem + '.safetensors')
+        assert sorted(pickled) == sorted(safe)  # safetensors keeps its keys sorted
+        for key in pickled:
+            np.testing.assert_array_equal(pickled[key].numpy(), safe[key].numpy())
+    model = cvt.build_cvt(tiny_config(setup['data'], '', TINY))
+    cvt.load_pretrained(model, prefix + '.safetensors')
