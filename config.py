@@ -24,7 +24,7 @@ _C.BASE = ['']
 # data settings
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 8  # per process
-_C.DATA.BATCH_SIZE_EVAL = 8  # per process
+_C.DATA.BATCH_SIZE_EVAL = 64  # per process; a GPU's batch (inference keeps no activations)
 _C.DATA.DATA_PATH = '/dataset/imagenet/'
 _C.DATA.DATASET = 'imagenet2012'  # imagenet2012, cifar10 or cifar100
 _C.DATA.IMAGE_SIZE = 224
@@ -136,7 +136,8 @@ _C.VALIDATE_FREQ = 10  # epochs between validations
 _C.SEED = 0
 _C.EVAL = False  # evaluate only
 _C.OVERWRITE = False  # -overwrite: a new run replaces the training run already in SAVE
-_C.AMP = False  # mixed precision training
+_C.AMP = False  # mixed precision (autocast) on a GPU, in training and validation
+_C.AMP_DTYPE = 'auto'  # float16, bfloat16, or auto: bfloat16 on GPUs that have it (sm80 and newer), else float16
 _C.VISUALDL = False  # write scalars to <SAVE>/vdl for VisualDL (pip install visualdl)
 _C.LOCAL_RANK = 0
 _C.NGPUS = -1
@@ -391,6 +392,7 @@ CHOICES = (
     ('TRAIN.RANDOM_ERASE_MODE', ('const', 'rand', 'pixel')),
     ('TRAIN.DISTILLATION_TYPE', ('none', 'soft', 'hard')),
     ('TRAIN.CROP_MODE', ('random_resized', 'resize_random')),
+    ('AMP_DTYPE', ('float16', 'bfloat16', 'auto')),
 )
 
 
@@ -466,8 +468,7 @@ def update_config(config, args):
     if arg('last_epoch') is not None:
         config.TRAIN.LAST_EPOCH = args.last_epoch
     if arg('amp'):
-        # mixed precision is a training option; evaluation runs in float32
-        config.AMP = not config.EVAL
+        config.AMP = True
     if arg('visualdl'):
         config.VISUALDL = True
     if arg('overwrite'):

@@ -114,10 +114,10 @@ def test_update_config_applies_paddlevit_flags():
     assert config.MODEL.DEPTH == [1, 2, 10] and config.MODEL.RESUME is None
 
 
-def test_update_config_eval_sets_eval_batch_and_disables_amp():
+def test_update_config_eval_sets_eval_batch_and_keeps_amp():
     args = argparse.Namespace(cfg=None, batch_size=7, eval=True, amp=True)
     config = update_config(get_config(), args)
-    assert config.EVAL and config.DATA.BATCH_SIZE_EVAL == 7 and config.AMP is False
+    assert config.EVAL and config.DATA.BATCH_SIZE_EVAL == 7 and config.AMP is True  # evaluation under autocast
 
 
 def test_dumped_config_loads_back_equal(tmp_path):
