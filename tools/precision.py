@@ -45,6 +45,12 @@ UNSUPPORTED = {
 }
 
 
+def native_instructions(precision: str) -> str:
+    """The instruction sets that make `precision` native, in words: 'AVX512_BF16 or AMX-BF16'."""
+    names = [dict(ISA_NAMES)[flag] for flag in NATIVE_FLAGS[precision]]
+    return f'{", ".join(names[:-1])} or {names[-1]}'
+
+
 def native_formats(flags: FrozenSet[str]) -> FrozenSet[str]:
     """The formats a CPU with these /proc/cpuinfo flags computes natively (fp32 always)."""
     return frozenset({'fp32'} | {fmt for fmt, needed in NATIVE_FLAGS.items() if flags & set(needed)})
@@ -92,8 +98,7 @@ def choose(asked: str, backend: str, force: bool = False) -> Choice:
         return Choice(asked, asked)
     flags = runtime.cpu_info()[1]
     if asked not in native_formats(flags) and not force:
-        names = [dict(ISA_NAMES)[flag] for flag in NATIVE_FLAGS[asked]]
-        return Choice(asked, 'fp32', f'this CPU has no native {asked}: no {", ".join(names[:-1])} or {names[-1]}')
+        return Choice(asked, 'fp32', f'this CPU has no native {asked}: no {native_instructions(asked)}')
     if asked not in runtime_formats(backend):
         return Choice(asked, 'fp32', f'{RUNTIME_NAMES[backend]} has no {asked} kernels for this CPU')
     return Choice(asked, asked)
