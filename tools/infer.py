@@ -412,13 +412,13 @@ def main(argv=None) -> int:
     data = val_images(args.data_path) if args.data_path else None
     images = list_images(args.images) if args.images else None
     choice = precisions.choose(args.precision, backend, args.force_precision)
+    runner = lambda precision: create_runner(args.model, backend, device, not args.disable_onednn, args.tensorrt,
+                                             args.batch_size, args.threads or 0, precision)
+    preprocess, logits_of = runner(choice.run)  # exits on a model the runtime cannot load, before any output
     print(precisions.first_line(choice, backend), file=sys.stderr, flush=True)
     if args.backend is None and backend == 'onnxruntime':
         print(f'{args.model}: running in ONNX Runtime; OpenVINO, the faster CPU runtime here, is not installed '
               '(pip install -r requirements-deploy.txt)', file=sys.stderr)
-    runner = lambda precision: create_runner(args.model, backend, device, not args.disable_onednn, args.tensorrt,
-                                             args.batch_size, args.threads or 0, precision)
-    preprocess, logits_of = runner(choice.run)
     num_classes = preprocess['num_classes']
     transform = val_transform(preprocess_config(preprocess))
     if data is not None:
