@@ -61,7 +61,7 @@ LogitsFunction = Callable[[np.ndarray], np.ndarray]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description='Top-k classes of images with an exported CvT.')
+    parser = argparse.ArgumentParser(description='Top-k classes of images with an exported CvT, or its accuracy.')
     parser.add_argument('-model', '-model_dir', dest='model', required=True,
                         help='folder written by tools/export_model.py, or .onnx file by tools/export_onnx.py')
     parser.add_argument('images', nargs='*', help='image files and/or folders of images')

@@ -35,6 +35,7 @@ import runtime  # noqa: E402
 runtime.configure()  # before paddle (the val transform's module imports it)
 import numpy as np  # noqa: E402
 
+import fileio  # noqa: E402
 from tools._common import fail, list_images, read_image, val_transform  # noqa: E402
 from utils import int_at_least  # noqa: E402
 
@@ -124,7 +125,6 @@ def quantize(model_path: str, images: Sequence[np.ndarray], output_path: str, so
     images came from) goes into its metadata."""
     import onnx
     nncf = import_quantizer()
-    import fileio
     model = onnx.load(model_path)
     image_input = model.graph.input[0].name
     keep_float = first_embedding(model.graph)
