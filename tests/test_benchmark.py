@@ -79,7 +79,8 @@ def test_deploy_mode_runs_the_runtime_infer_picks_for_a_onnx_file():
 
 
 @needs_converter
-@pytest.mark.skipif(importlib.util.find_spec('nncf') is None, reason='nncf needed: pip install -r requirements-deploy.txt')
+@pytest.mark.skipif(importlib.util.find_spec('nncf') is None,
+                    reason='nncf needed: pip install -r requirements-deploy.txt')
 def test_deploy_mode_times_the_int8_model_it_quantises_and_says_so_first():
     result = benchmark('-mode', 'deploy', '-threads', '1', '-backend', 'onnxruntime', '-precision', 'int8',
                        '-force_precision')

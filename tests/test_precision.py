@@ -297,7 +297,8 @@ def test_a_val_folder_with_other_classes_than_the_model_is_one_line(models, tmp_
 @pytest.mark.parametrize('argv, message', [
     (['-backend', 'onnxruntime', '-precision', 'bf16'], 'ONNX Runtime has no bfloat16 kernels for x86 CPUs'),
     (['-precision', 'int8', '-model', '{int8}'], 'give the exported float32 model'),
-    (['-precision', 'int8', '-model', '{bare}'], 'bare.int8.onnx: no such file; write it with python tools/quantize.py'),
+    (['-precision', 'int8', '-model', '{bare}'],
+     'bare.int8.onnx: no such file; write it with python tools/quantize.py'),
 ])
 def test_bad_input_to_the_onnx_export_is_one_line_and_exit_2(models, tmp_path, capsys, argv, message):
     bare = tmp_path / 'bare.onnx'
