@@ -39,6 +39,7 @@ import mixup as mixup_lib
 import preemption
 import reporting
 from config import get_config
+from transforms import DeviceFinish
 from utils import (FILE_ONLY, AverageMeter, NonFiniteLossError, UsageError, check_attention_memory, format_seconds,
                    get_logger)
 
@@ -233,6 +234,7 @@ class Trainer:
     mixup: Optional[object]
     ema: Optional[ModelEma]
     amp: Optional[str]  # the autocast dtype, None: float32
+    finish: Callable  # the loader's uint8 batch -> the model's input, on the device (DeviceFinish)
     steps_per_epoch: int
     world_size: int
     logger: object
@@ -317,10 +319,11 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int,
     acc_meter = resumed.meter('acc1') if resumed else AverageMeter()
     start, start_count = time.time(), loss_meter.count
     sums, window_start, unreadable = StepSums(), first_step, 0
-    for step, (images, labels, unreadable_files) in enumerate(loader, first_step):
+    for step, (images, labels, unreadable_files, erase_boxes) in enumerate(loader, first_step):
         if step >= micro_steps:
             break
         seed_everything(step_seed(config.SEED, epoch, step, trainer.rank))
+        images = trainer.finish(images, erase_boxes)
         if trainer.mixup is not None:
             trainer.mixup.set_epoch(epoch, step)
         targets = labels
@@ -386,10 +389,11 @@ def _check_window(trainer, window: Dict[str, float], epoch: int, first: int, las
 
 
 @paddle.no_grad()
-def validate(model: nn.Layer, loader, world_size: int = 1, expected_count: Optional[int] = None,
+def validate(model: nn.Layer, loader, finish: Callable, world_size: int = 1, expected_count: Optional[int] = None,
              progress: Optional[Callable[[int], None]] = None, amp: Optional[str] = None) -> Dict[str, object]:
     """Cross-entropy loss, top-1 and top-5 accuracy over the whole val set, the model
-    under autocast to `amp` (None: float32).
+    under autocast to `amp` (None: float32); `finish` turns the loader's uint8 images into
+    the model's input (transforms.DeviceFinish).
 
     Each process evaluates its own shard; sums are combined over processes, so
     every image counts once. Images that cannot be read are left out, and
@@ -401,9 +405,9 @@ def validate(model: nn.Layer, loader, world_size: int = 1, expected_count: Optio
     model.eval()
     sums = paddle.zeros([5], dtype='float64')  # loss, top-1, top-5, images, unreadable images
     marks = []
-    for batch, (images, labels, unreadable) in enumerate(loader, 1):
+    for batch, (images, labels, unreadable, boxes) in enumerate(loader, 1):
         with autocast(amp):
-            logits = model(images)
+            logits = model(finish(images, boxes))
         logits, labels, unreadable = logits.astype('float32'), labels.reshape([-1]), unreadable.reshape([-1])
         read = (unreadable < 0).astype('float32')  # placeholders of unreadable files count nowhere
         losses = F.cross_entropy(logits, labels, reduction='none').reshape([-1])
@@ -584,7 +588,7 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
         if config.MODEL.RESUME and not config.MODEL.PRETRAINED:
             checkpoint.load_weights_exactly(model, cvt.resolve_weights_path(config.MODEL.RESUME))
         start = time.time()
-        metrics = validate(model, val_loader, world_size, expected_count=len(val_set),
+        metrics = validate(model, val_loader, DeviceFinish(config, training=False), world_size, expected_count=len(val_set),
                            progress=reporter.eval_progress(len(val_loader)), amp=amp_dtype(config))
         logger.info(f'----- {format_validation(metrics)}, time: {time.time() - start:.2f}s', extra=FILE_ONLY)
         reporter.evaluated(metrics, time.time() - start)
@@ -651,7 +655,7 @@ def build_trainer(config, model: nn.Layer, mixup, steps_per_epoch: int, world_si
         optimizer=build_optimizer(config, model, lr_schedule), lr_schedule=lr_schedule,
         scaler=paddle.amp.GradScaler(enable=amp == 'float16'),  # bfloat16 has float32's range
         criterion=build_criterion(config, mixup is not None, logger), mixup=mixup, ema=ema,
-        amp=amp, steps_per_epoch=steps_per_epoch, world_size=world_size, logger=logger, rank=rank)
+        amp=amp, finish=DeviceFinish(config, training=True), steps_per_epoch=steps_per_epoch, world_size=world_size, logger=logger, rank=rank)
 
 
 def fit(trainer: Trainer, train_loader, val_loader, val_size: int, first_epoch: int,
@@ -661,6 +665,7 @@ def fit(trainer: Trainer, train_loader, val_loader, val_size: int, first_epoch: 
     `resumed`: where in `first_epoch` a mid-epoch checkpoint left off."""
     config, logger, world_size = trainer.config, trainer.logger, trainer.world_size
     num_epochs = config.TRAIN.NUM_EPOCHS
+    val_finish = DeviceFinish(config, training=False)
     result: Dict[str, object] = {'checkpoint': None}
     for epoch in range(first_epoch, num_epochs + 1):
         # a mid-epoch checkpoint continues its epoch at the next batch
@@ -682,12 +687,12 @@ def fit(trainer: Trainer, train_loader, val_loader, val_size: int, first_epoch: 
         validated = epoch % config.VALIDATE_FREQ == 0 or last
         if validated:
             start = time.time()
-            result['val'] = validate(trainer.model, val_loader, world_size, expected_count=val_size,
+            result['val'] = validate(trainer.model, val_loader, val_finish, world_size, expected_count=val_size,
                                      progress=trainer.reporter.eval_progress(len(val_loader)), amp=trainer.amp)
             logger.info(f'----- Epoch[{epoch:03d}/{num_epochs:03d}], '
                         f'{format_validation(result["val"])}, time: {time.time() - start:.2f}s', extra=FILE_ONLY)
             if trainer.ema is not None:
-                result['val_ema'] = validate(trainer.ema.module, val_loader, world_size, expected_count=val_size,
+                result['val_ema'] = validate(trainer.ema.module, val_loader, val_finish, world_size, expected_count=val_size,
                                              amp=trainer.amp)
                 logger.info(f'----- Epoch[{epoch:03d}/{num_epochs:03d}], '
                             f'{format_validation(result["val_ema"], prefix="EMA ")}', extra=FILE_ONLY)

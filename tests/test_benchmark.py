@@ -77,3 +77,27 @@ def test_deploy_mode_runs_the_runtime_infer_picks_for_a_onnx_file():
     expected = 'openvino' if importlib.util.find_spec('openvino') else 'onnxruntime'
     assert f'deploy: {expected} ' in result.stdout and ', 1 threads' in result.stdout
     assert result.stdout.strip().splitlines()[-1].startswith('throughput: ')
+
+
+@needs_converter
+@pytest.mark.skipif(importlib.util.find_spec('nncf') is None,
+                    reason='nncf needed: pip install -r requirements-deploy.txt')
+def test_deploy_mode_times_the_int8_model_it_quantises_and_says_so_first():
+    result = benchmark('-mode', 'deploy', '-threads', '1', '-backend', 'onnxruntime', '-precision', 'int8',
+                       '-force_precision')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith('precision int8 | ONNX Runtime ') and 'CPU ' in lines[0]
+    assert ', int8' in lines[-3] and lines[-1].startswith('throughput: ')
+
+
+@pytest.mark.parametrize('args, message', [
+    (['-mode', 'deploy', '-backend', 'onnxruntime', '-precision', 'bf16'],
+     'error: -precision bf16 -backend onnxruntime: ONNX Runtime has no bfloat16 kernels for x86 CPUs'),
+    (['-mode', 'infer', '-precision', 'int8'],
+     'benchmark.py: error: -precision and -force_precision are for -mode deploy (the eager model runs fp32 on CPU)'),
+])
+def test_a_precision_the_mode_or_runtime_cannot_run_is_a_one_line_error(args, message):
+    result = benchmark(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(message)

@@ -16,6 +16,7 @@ import losses
 import mixup as mixup_lib
 from tiny_training import make_tiny_data, tiny_config, write_tiny_yaml
 from config import get_config
+from transforms import DeviceFinish
 from utils import NonFiniteLossError, UsageError, get_logger
 
 
@@ -69,8 +70,10 @@ def test_weight_decay_skips_biases_norms_and_cls_token(tmp_path):
 
 def _first_batch(config, size):
     dataset = datasets.get_dataset(config, 'val')
-    images, labels, _ = zip(*(dataset[i] for i in range(0, len(dataset), len(dataset) // size)[:size]))
-    return paddle.to_tensor(np.stack(images)), paddle.to_tensor(np.array(labels, dtype='int64'))
+    images, labels, _, boxes = zip(*(dataset[i] for i in range(0, len(dataset), len(dataset) // size)[:size]))
+    finish = DeviceFinish(config, training=False)
+    return finish(paddle.to_tensor(np.stack(images)), paddle.to_tensor(np.stack(boxes))), \
+        paddle.to_tensor(np.array(labels, dtype='int64'))
 
 
 def _tiny_training(data_path, tmp_path, batch):

@@ -6,6 +6,7 @@
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode train -profile
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 64 -mode train -amp  # GPU
     python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode deploy
+    python tools/benchmark.py -cfg configs/cvt-13-224x224.yaml -batch_size 16 -mode deploy -precision bf16
 
 It builds the model from the config, warms up, then times the real code paths:
 ``infer`` is the eval-mode forward under ``paddle.no_grad``; ``train`` is
@@ -15,7 +16,10 @@ optimizer, LR schedule and loss scaler; ``deploy`` is what tools/infer.py runs
 by default on CPU: the model exported (in the set-up, not timed) for
 ``-backend`` (default: infer.onnx_backend(), OpenVINO where installed; see
 docs/deploy.md) and run with infer.py's runtime settings, numpy images in,
-logits out.
+logits out; ``-precision bf16|int8`` runs it as ``infer.py -precision`` does
+(where the CPU has the format natively, else fp32 with one line;
+``-force_precision`` regardless), the int8 model quantised in the set-up with
+the random batch as its calibration images (for speed only).
 It runs under the same runtime set-up as the training and evaluation scripts
 (``runtime.configure()`` before Paddle); ``-threads N`` runs on N of the
 usable cores (default: all). It prints the CPU, its vector ISA, MKL's code
@@ -32,11 +36,12 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Callable, Optional
+from typing import Callable, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import runtime  # noqa: E402
+from tools.precision import PRECISIONS  # noqa: E402  (imports no Paddle)
 from utils import fail, int_at_least, thread_count  # noqa: E402
 
 ISA_NAMES = {'avx512': 'AVX-512', 'avx2': 'AVX2', None: 'neither AVX2 nor AVX-512'}
@@ -51,6 +56,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument('-backend', choices=('paddle', 'openvino', 'onnxruntime'), default=None,
                         help='-mode deploy: the runtime (default: the one tools/infer.py recommends)')
     parser.add_argument('-amp', action='store_true', help='autocast to AMP_DTYPE (GPU; -opts AMP_DTYPE float16|bfloat16|auto)')
+    parser.add_argument('-precision', choices=PRECISIONS, default='fp32',
+                        help='-mode deploy: the number format, as tools/infer.py -precision (default fp32)')
+    parser.add_argument('-force_precision', action='store_true',
+                        help='-mode deploy: run -precision even where the CPU has no native instructions for it')
     parser.add_argument('-threads', type=thread_count, default=None,
                         help='run on this many cores, one thread each (default: all usable cores)')
     parser.add_argument('-warmup', type=int_at_least(0), default=3)
@@ -59,7 +68,9 @@ def parse_arguments() -> argparse.Namespace:
                         help="then run -iters more steps under Paddle's profiler and print the time per operator")
     args = parser.parse_args()
     if args.mode == 'deploy' and args.amp:
-        parser.error('-amp is for -mode infer and train: -mode deploy runs the exported float32 model on CPU')
+        parser.error('-amp is for -mode infer and train: -mode deploy runs the exported model on CPU (-precision)')
+    if args.mode != 'deploy' and (args.precision != 'fp32' or args.force_precision):
+        parser.error('-precision and -force_precision are for -mode deploy (the eager model runs fp32 on CPU)')
     return args
 
 
@@ -92,24 +103,41 @@ def sync() -> None:
         paddle.device.cuda.synchronize()
 
 
-def deploy_step(model: paddle.nn.Layer, config, images, backend: Optional[str]) -> Callable[[], None]:
+def deploy_backend(args: argparse.Namespace) -> str:
+    """The runtime -mode deploy times (default: infer.py's recommended one); exits if it cannot
+    run -precision at all."""
+    from tools import infer, precision
+    backend = args.backend or infer.onnx_backend()
+    reason = precision.unsupported(args.precision, backend)
+    if reason:
+        fail(f'-precision {args.precision} -backend {backend}: {reason}')
+    return backend
+
+
+def deploy_step(model: paddle.nn.Layer, config, images, backend: str, asked: str = 'fp32',
+                force: bool = False) -> Tuple[Callable[[], None], str]:
     """One tools/infer.py batch on `images` (numpy) with `model` exported for
-    `backend` (default: infer.py's recommended one) into a temporary folder."""
-    from tools import export_model, export_onnx, infer
-    backend = backend or infer.onnx_backend()
+    `backend` into a temporary folder, in the precision `infer.py -precision asked`
+    computes in on this CPU (int8: quantised with `images` as calibration data), and
+    that precision."""
+    from tools import export_model, export_onnx, infer, precision, quantize
+    choice = precision.choose(asked, backend, force)
+    print(precision.first_line(choice, backend), flush=True)
     folder = tempfile.mkdtemp(prefix='cvt-deploy-')
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     if backend in infer.ONNX_BACKENDS:
         path = os.path.join(folder, 'model.onnx')
         set_fast_paths(model, False)  # as tools/export_onnx.py exports it
         export_onnx.convert(model, config, path, export_onnx.DEFAULT_OPSET)
+        if choice.run == 'int8':
+            quantize.quantize(path, list(images), quantize.int8_path(path), 'the benchmark\'s random images')
     else:
         path = folder
         export_model.export(model, config, path)
-    _, logits_of = infer.create_runner(path, backend, device='cpu')
+    _, logits_of = infer.create_runner(path, backend, device='cpu', precision=choice.run)
     version = paddle.__version__ if backend == 'paddle' else importlib.metadata.version(backend)
     print(f'deploy: {backend} {version}, {infer.default_threads()} threads')
-    return lambda: logits_of(images)
+    return lambda: logits_of(images), choice.run
 
 
 def describe_machine() -> str:
@@ -142,6 +170,8 @@ def main(args: argparse.Namespace) -> None:
     config.AMP = args.amp
     config.freeze()
     amp = engine.amp_dtype(config)  # AMP_DTYPE (-opts) on a GPU; None: float32
+    backend = deploy_backend(args) if args.mode == 'deploy' else None
+    number_format = f'amp {amp}' if amp else 'fp32'
 
     paddle.seed(config.SEED)
     model = build_cvt(config)
@@ -151,7 +181,8 @@ def main(args: argparse.Namespace) -> None:
 
     if args.mode == 'deploy':
         model.eval()
-        step = deploy_step(model, config, images.numpy(), args.backend)
+        step, number_format = deploy_step(model, config, images.numpy(), backend, args.precision,
+                                          args.force_precision)
     elif args.mode == 'infer':
         model.eval()
 
@@ -186,7 +217,7 @@ def main(args: argparse.Namespace) -> None:
         profile(step, args.iters)
     print(describe_machine())
     print(f'paddle {paddle.__version__} on {paddle.get_device()}, {config.MODEL.NAME}, {args.mode}, '
-          f'batch {args.batch_size}, {size}px, {f"amp {amp}" if amp else "fp32"}')
+          f'batch {args.batch_size}, {size}px, {number_format}')
     print(f'{step_s * 1e3:.1f} ms/step (median of {args.iters}), peak memory {peak_memory_mb():.0f} MiB')
     print(f'throughput: {args.batch_size / step_s:.2f} img/s')
 

@@ -5,6 +5,8 @@
     python tools/benchmark_compare.py -isa avx2               # both sides as on an AVX2-only CPU
     python tools/benchmark_compare.py -modes deploy           # exported: ours as tools/infer.py runs it,
                                                               # theirs in ONNX Runtime (-deploy_reference)
+    python tools/benchmark_compare.py -precision bf16         # ours deployed in bf16 and int8, theirs
+                                                              # under PyTorch autocast(bfloat16)
 
 Runs tools/benchmark.py and tools/benchmark_torch.py alternately, each in its
 own process (so neither inherits the other's threads or allocator), for
@@ -17,6 +19,13 @@ tools/infer.py runs by default: OpenVINO where installed) with transformers'
 CvT exported to ONNX and run by ONNX Runtime (benchmark_torch.py -mode onnx),
 or by OpenVINO with ``-deploy_reference openvino``; it needs
 requirements-deploy.txt.
+``-precision bf16`` compares the low-precision paths on a CPU with native
+bfloat16 (tools/precision.py): ours deployed (tools/benchmark.py -mode deploy)
+in bf16, and in int8 where the CPU has native int8 too, against transformers'
+CvT in PyTorch eager inference under ``autocast(bfloat16)``; it prints bf16
+deploy / PyTorch bf16 and int8 / bf16. Each of our runs must compute in the
+format asked (its first line says so), else the comparison stops. On a CPU
+without native bf16 it prints that the comparison cannot be made and exits 1.
 PyTorch and transformers must be installed (they are in requirements-test.txt,
 not in the project's requirements).
 
@@ -39,7 +48,8 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TOOLS)
 sys.path.insert(0, ROOT)
 
-from runtime import usable_cores  # noqa: E402  (no Paddle: this process only starts others)
+from runtime import cpu_info, cpu_model, usable_cores  # noqa: E402  (no Paddle: this process only starts others)
+from tools.precision import isa_summary, native_formats, native_instructions  # noqa: E402
 from utils import int_at_least, thread_count  # noqa: E402
 
 # benchmark_torch.py's counterpart of each benchmark.py mode
@@ -54,13 +64,17 @@ EMULATION = {
 }
 
 
-def throughput(command: List[str], env: Dict[str, str]) -> float:
-    """Run one benchmark process; its last line is ``throughput: X img/s``."""
+def throughput(command: List[str], env: Dict[str, str], precision: str = '') -> float:
+    """Run one benchmark process; its last line is ``throughput: X img/s``. With `precision`
+    (tools/benchmark.py -mode deploy), its first line must say it ran in that precision."""
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
     found = re.search(r'throughput: ([0-9.]+) img/s\s*$', result.stdout)
     if result.returncode != 0 or not found:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ['no output']
         sys.exit(f'error: {" ".join(command[1:3])} failed: {tail[0]}')
+    first = result.stdout.splitlines()[0]
+    if precision and not first.startswith(f'precision {precision} |'):
+        sys.exit(f'error: {" ".join(command[1:])} did not run in {precision}: {first}')
     return float(found.group(1))
 
 
@@ -70,11 +84,48 @@ def median(values: List[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
+def compare_low_precision(args: argparse.Namespace, cfg: str, depth: List[str], thread_counts: List[int],
+                          steps: List[str]) -> None:
+    """Ours deployed in bf16 (and int8 where native) against transformers' CvT under PyTorch
+    autocast(bfloat16), alternating; or, without native bf16, say that it cannot be made."""
+    flags = cpu_info()[1]
+    formats = native_formats(flags)
+    cpu = f'{cpu_model()[1]}: {isa_summary(flags)}'
+    if 'bf16' not in formats:
+        sys.exit(f'the bf16 comparison cannot be made on this CPU ({cpu}): it has no native bfloat16 '
+                 f'({native_instructions("bf16")}), so both sides would be emulated or run fp32')
+    ours = ['bf16'] + (['int8'] if 'int8' in formats else [])
+    rates: Dict[tuple, List[float]] = {}
+    for _ in range(args.rounds):
+        for threads in thread_counts:
+            for precision in ours:
+                command = [sys.executable, os.path.join(TOOLS, 'benchmark.py'), '-cfg', cfg, *steps,
+                           '-mode', 'deploy', '-precision', precision, '-threads', str(threads)]
+                rates.setdefault((precision, threads), []).append(throughput(command, {}, precision))
+            command = [sys.executable, os.path.join(TOOLS, 'benchmark_torch.py'), '-depth', *depth, *steps,
+                       '-mode', 'infer', '-precision', 'bf16', '-threads', str(threads)]
+            rates.setdefault(('torch', threads), []).append(throughput(command, {}))
+    print(f'CvT-{args.model}, batch {args.batch_size}, 224px, CPU {cpu}, median of {args.rounds} alternating '
+          "rounds, img/s; ours deployed as tools/infer.py -precision runs it, transformers' CvT in PyTorch "
+          'eager under autocast(bfloat16)')
+    if 'int8' not in formats:
+        print(f'int8: not compared, this CPU has no native int8 ({native_instructions("int8")})')
+    print(f'{"threads":>7} {"bf16":>8} {"int8":>8} {"torch":>8} {"bf16/torch":>10} {"int8/bf16":>9}')
+    for threads in thread_counts:
+        bf16, torch_bf16 = median(rates[('bf16', threads)]), median(rates[('torch', threads)])
+        int8 = median(rates[('int8', threads)]) if 'int8' in formats else None
+        print(f'{threads:>7} {bf16:>8.2f} {int8 or float("nan"):>8.2f} {torch_bf16:>8.2f} '
+              f'{bf16 / torch_bf16:>9.2f}x {(int8 or float("nan")) / bf16:>8.2f}x')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('-model', choices=sorted(MODELS), default='13', help='CvT-13 or CvT-21, at 224')
     parser.add_argument('-batch_size', type=int_at_least(1), default=16)
-    parser.add_argument('-modes', nargs='+', choices=sorted(TORCH_MODES), default=['infer', 'train'])
+    parser.add_argument('-modes', nargs='+', choices=sorted(TORCH_MODES), default=None,
+                        help='default: infer train (-precision fp32); -precision bf16 compares deployed inference')
+    parser.add_argument('-precision', choices=('fp32', 'bf16'), default='fp32',
+                        help='bf16: ours deployed in bf16 and int8 against PyTorch autocast(bfloat16) (see above)')
     parser.add_argument('-threads', type=thread_count, nargs='+', default=None,
                         help='thread counts to run (default: 1 and all usable cores)')
     parser.add_argument('-isa', choices=sorted(EMULATION), default='native',
@@ -85,6 +136,9 @@ def main() -> None:
     parser.add_argument('-warmup', type=int_at_least(0), default=3, help='untimed steps per process')
     parser.add_argument('-iters', type=int_at_least(1), default=10, help='timed steps per process (median)')
     args = parser.parse_args()
+    if args.precision == 'bf16' and (args.modes or args.isa != 'native'):
+        parser.error('-precision bf16 compares deployed inference on the CPU as it is: no -modes, no -isa')
+    args.modes = args.modes or ['infer', 'train']
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -98,6 +152,9 @@ def main() -> None:
     torch_modes = {**TORCH_MODES, 'deploy': args.deploy_reference}
     paddle_env, torch_env = EMULATION[args.isa]
     steps = ['-warmup', str(args.warmup), '-iters', str(args.iters), '-batch_size', str(args.batch_size)]
+    if args.precision == 'bf16':
+        compare_low_precision(args, cfg, depth, thread_counts, steps)
+        return
     rates: Dict[tuple, List[float]] = {}
     for _ in range(args.rounds):
         for mode in args.modes:

@@ -10,6 +10,7 @@ so the two can be run back to back:
     python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode train -threads 1
     python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode onnx
     python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode openvino
+    python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode infer -precision bf16
 
 PyTorch keeps its own default threading (one intra-op thread per core) and the
 project's runtime set-up is not used, so this measures PyTorch as users get it;
@@ -25,6 +26,9 @@ export in OpenVINO with the settings of ``tools/infer.py -backend openvino``
 (compiled for the batch's shape, float32, one stream, one thread per usable
 core); the counterpart of
 ``tools/benchmark.py -mode deploy`` where OpenVINO is installed.
+``-precision bf16`` runs ``infer`` and ``train`` under ``torch.autocast('cpu',
+dtype=torch.bfloat16)``, as PyTorch users reach for bfloat16 on the CPU
+(tools/benchmark_compare.py -precision bf16).
 """
 
 import argparse
@@ -101,7 +105,11 @@ def main() -> None:
     parser.add_argument('-iters', type=int, default=10)
     parser.add_argument('-num_classes', type=int, default=1000)
     parser.add_argument('-threads', type=int, default=None, help='run on this many cores (default: all)')
+    parser.add_argument('-precision', choices=('fp32', 'bf16'), default='fp32',
+                        help="infer, train: bf16 runs under torch.autocast('cpu', dtype=torch.bfloat16)")
     args = parser.parse_args()
+    if args.precision != 'fp32' and args.mode not in ('infer', 'train'):
+        parser.error('-precision bf16 is for -mode infer and train (autocast)')
     # (this harness imports nothing of the project, so not utils.int_at_least)
     for flag, minimum in (('batch_size', 1), ('image_size', 1), ('warmup', 0), ('iters', 1), ('num_classes', 1)):
         if getattr(args, flag) < minimum:
@@ -118,6 +126,7 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     labels = torch.randint(0, args.num_classes, (args.batch_size,))
 
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.precision == 'bf16')
     if args.mode in ('onnx', 'openvino'):
         model.eval()
         step = onnx_step(model, images, args.mode)
@@ -125,7 +134,7 @@ def main() -> None:
         model.eval()
 
         def step() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast:
                 model(pixel_values=images).logits.sum().item()
     else:
         model.train()
@@ -133,7 +142,8 @@ def main() -> None:
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
         def step() -> None:
-            loss = criterion(model(pixel_values=images).logits, labels)
+            with autocast:
+                loss = criterion(model(pixel_values=images).logits.float(), labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -150,7 +160,7 @@ def main() -> None:
     step_s = sorted(times)[len(times) // 2]
     print(f'torch {torch.__version__}, threads {torch.get_num_threads()}, ATen CPU capability '
           f'{torch.backends.cpu.get_cpu_capability()}, oneDNN ISA limit {os.environ.get("ONEDNN_MAX_CPU_ISA", "none")}, '
-          f'depth {args.depth}, {args.mode}, batch {args.batch_size}, {args.image_size}px, fp32')
+          f'depth {args.depth}, {args.mode}, batch {args.batch_size}, {args.image_size}px, {args.precision}')
     print(f'{step_s * 1e3:.1f} ms/step (median of {args.iters}), peak memory {peak_memory_mb():.0f} MiB')
     print(f'throughput: {args.batch_size / step_s:.2f} img/s')
 

@@ -1,16 +1,24 @@
-"""Classify images with an exported CvT: Paddle Inference, OpenVINO or ONNX Runtime.
+"""Classify images with an exported CvT, or measure its accuracy: Paddle Inference, OpenVINO or ONNX Runtime.
 
     python tools/infer.py -model exported/cvt-13-224x224 cat.jpg photos/       # tools/export_model.py
     python tools/infer.py -model cvt-13-224x224.onnx cat.jpg photos/           # tools/export_onnx.py
         [-backend paddle|openvino|onnxruntime] [-labels imagenet_classes.txt] [-topk 5] [-batch_size 8]
         [-threads N] [-device cpu|gpu] [-disable_onednn] [-tensorrt]
+        [-precision fp32|bf16|int8] [-force_precision]
+    python tools/infer.py -model cvt-13-224x224.onnx -data_path /data/imagenet [-precision int8]
 
-Prints the same top-k as tools/predict.py. The backend follows the model: a
-folder of tools/export_model.py runs on Paddle Inference, a .onnx file of
-tools/export_onnx.py on OpenVINO where it is installed and on ONNX Runtime
-otherwise (both on CPU, in float32). The .onnx file in OpenVINO is the
-recommended path on CPU, chosen by measurement (docs/deploy.md;
-tools/benchmark.py -mode deploy times it).
+Prints the same top-k as tools/predict.py; with -data_path, instead, the
+accuracy on the ImageNet-format folder DATA/val (``top-1 X | top-5 Y | N
+images``) and, for bf16 and int8, the share of images whose top-1 class is the
+fp32 model's (run alongside, in the same runtime). The backend follows the
+model: a folder of tools/export_model.py runs on Paddle Inference, a .onnx file
+of tools/export_onnx.py on OpenVINO where it is installed and on ONNX Runtime
+otherwise. The .onnx file in OpenVINO is the recommended path on CPU, chosen by
+measurement (docs/deploy.md; tools/benchmark.py -mode deploy times it).
+-precision (default fp32) bf16 and int8 run where the CPU has them natively
+(tools/precision.py) and fall back to fp32 with one line where it has not; int8
+runs the model tools/quantize.py wrote beside the .onnx file. The run's first
+line (on stderr) names the precision, the runtime and the CPU's instruction sets.
 The class count, input size and preprocessing come from the export (the
 folder's preprocess.json, the .onnx file's metadata), not from a config file.
 Paddle Inference on CPU runs with oneDNN unless -disable_onednn; -device
@@ -34,23 +42,31 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 from paddle import inference  # noqa: E402
 
-from tools._common import check_topk, fail, list_images, print_predictions, read_labels, val_transform  # noqa: E402
+from tools import precision as precisions  # noqa: E402
+from tools._common import (check_topk, fail, list_images, print_predictions, read_image,  # noqa: E402
+                           read_labels, val_transform)
 from tools.export_model import MODEL_PREFIX, PREPROCESS_FILE, program_file  # noqa: E402
+from tools.quantize import INT8_SUFFIX, int8_path  # noqa: E402
 from utils import int_at_least, thread_count  # noqa: E402
 
 BACKENDS = ('paddle', 'openvino', 'onnxruntime')
 ONNX_BACKENDS = ('openvino', 'onnxruntime')  # they run a .onnx file, on CPU
 STATIC_SHAPES = 2  # input shapes with an OpenVINO model compiled for them alone
 GPU_MEMORY_MB = 256  # initial pool; Paddle grows it as needed
+# OpenVINO's precision hint for each precision; an int8 model's layers that stay in
+# float (tools/quantize.py) run in float32, as they were measured
+OPENVINO_HINTS = {'fp32': 'f32', 'bf16': 'bf16', 'int8': 'f32'}
 
 LogitsFunction = Callable[[np.ndarray], np.ndarray]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description='Top-k classes of images with an exported CvT.')
+    parser = argparse.ArgumentParser(description='Top-k classes of images with an exported CvT, or its accuracy.')
     parser.add_argument('-model', '-model_dir', dest='model', required=True,
                         help='folder written by tools/export_model.py, or .onnx file by tools/export_onnx.py')
-    parser.add_argument('images', nargs='+', help='image files and/or folders of images')
+    parser.add_argument('images', nargs='*', help='image files and/or folders of images')
+    parser.add_argument('-data_path', default=None,
+                        help='measure the accuracy on DATA_PATH/val (ImageNet format: class folders) instead')
     parser.add_argument('-backend', choices=BACKENDS, default=None,
                         help='default: paddle for an export folder; for a .onnx file, openvino where '
                              'installed, else onnxruntime')
@@ -63,7 +79,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='paddle backend: default gpu if Paddle has CUDA and a GPU is visible, else cpu')
     parser.add_argument('-disable_onednn', action='store_true', help='plain CPU kernels instead of oneDNN')
     parser.add_argument('-tensorrt', action='store_true', help='run with TensorRT (GPU only)')
-    return parser.parse_args(argv)
+    parser.add_argument('-precision', choices=precisions.PRECISIONS, default='fp32',
+                        help='number format on CPU (default fp32); bf16 and int8 where the CPU has them natively, '
+                             'else fp32 (tools/precision.py); int8 runs the model of tools/quantize.py')
+    parser.add_argument('-force_precision', action='store_true',
+                        help='run -precision even where the CPU has no native instructions for it '
+                             '(to measure its accuracy; slower than fp32)')
+    args = parser.parse_args(argv)
+    if bool(args.images) == bool(args.data_path):
+        parser.error('give images to classify, or -data_path to measure the accuracy (one of them)')
+    return args
 
 
 def default_threads() -> int:
@@ -126,9 +151,10 @@ def tensorrt_program(model_dir: str, preprocess: dict, max_batch: int) -> str:
 
 
 def create_predictor(model_dir: str, preprocess: dict, device: str = 'cpu', onednn: bool = True,
-                     tensorrt: bool = False, max_batch: int = 8, threads: int = 0) -> inference.Predictor:
+                     tensorrt: bool = False, max_batch: int = 8, threads: int = 0,
+                     precision: str = 'fp32') -> inference.Predictor:
     """A Paddle Inference predictor for the exported model in `model_dir` (threads 0:
-    `default_threads()`)."""
+    `default_threads()`; precision fp32 or, on CPU with oneDNN, bf16)."""
     threads = threads or default_threads()
     program = program_file(model_dir)
     params = os.path.join(model_dir, MODEL_PREFIX + '.pdiparams')
@@ -151,6 +177,8 @@ def create_predictor(model_dir: str, preprocess: dict, device: str = 'cpu', oned
         config.set_cpu_math_library_num_threads(threads)
         if onednn:
             config.enable_mkldnn()
+            if precision == 'bf16':  # oneDNN's bf16 kernels for the ops that have them (3.x name, 2.6 name)
+                (getattr(config, 'enable_onednn_bfloat16', None) or config.enable_mkldnn_bfloat16)()
         else:
             config.disable_mkldnn()
     config.disable_glog_info()
@@ -220,8 +248,9 @@ def onnxruntime_runner(model_path: str, threads: int) -> Tuple[dict, LogitsFunct
     return preprocess, batched_logits(run, static(image.shape)[0], model_path)
 
 
-def openvino_runner(model_path: str, threads: int) -> Tuple[dict, LogitsFunction]:
-    """The .onnx file's preprocessing and its logits function in OpenVINO (CPU). The
+def openvino_runner(model_path: str, threads: int, precision: str = 'fp32') -> Tuple[dict, LogitsFunction]:
+    """The .onnx file's preprocessing and its logits function in OpenVINO (CPU), computing
+    in `precision` (bf16: its precision hint; int8: the file is a quantised model). The
     first `STATIC_SHAPES` input shapes get a compiled model each (infer.py runs two:
     the batch and the last, shorter one); any other shape shares one compiled for the
     file's own, dynamic shape, so a caller with ever-new batch sizes neither
@@ -242,9 +271,10 @@ def openvino_runner(model_path: str, threads: int) -> Tuple[dict, LogitsFunction
     stored = model.get_rt_info(key).astype(str) if model.has_rt_info(key) else None
     preprocess = onnx_preprocess(stored, (image.get_any_name(), static(image.get_partial_shape())),
                                  static(logits.get_partial_shape()), model_path)
-    # float32 as trained: OpenVINO would otherwise run bfloat16 on CPUs that have it (AMX,
-    # AVX512_BF16), which moves the logits by ~1e-2; one stream that uses every thread
-    settings = {'INFERENCE_NUM_THREADS': threads, 'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
+    # the precision always named: OpenVINO would otherwise run bfloat16 on CPUs that have it
+    # (AMX, AVX512_BF16), which moves the logits by ~1e-2; one stream that uses every thread
+    settings = {'INFERENCE_NUM_THREADS': threads, 'INFERENCE_PRECISION_HINT': OPENVINO_HINTS[precision],
+                'PERFORMANCE_HINT': 'LATENCY'}
     # OpenVINO picks faster kernels for a static shape than for a dynamic batch (CvT-13,
     # batch 16, 2 threads: 6%)
     own_shape = image.get_partial_shape()
@@ -267,16 +297,89 @@ def openvino_runner(model_path: str, threads: int) -> Tuple[dict, LogitsFunction
 
 
 def create_runner(model_path: str, backend: str, device: str = 'cpu', onednn: bool = True,
-                  tensorrt: bool = False, max_batch: int = 8, threads: int = 0) -> Tuple[dict, LogitsFunction]:
+                  tensorrt: bool = False, max_batch: int = 8, threads: int = 0,
+                  precision: str = 'fp32') -> Tuple[dict, LogitsFunction]:
     """The exported model's preprocessing and its logits function on `backend` (threads 0:
-    `default_threads()`)."""
+    `default_threads()`), computing in `precision` as asked (the caller has chosen it with
+    tools/precision.py); int8 runs the quantised model beside `model_path`."""
+    threads = threads or default_threads()
+    if backend in ONNX_BACKENDS and precision == 'int8':
+        model_path = int8_path(model_path)
     if backend == 'onnxruntime':
-        return onnxruntime_runner(model_path, threads or default_threads())
+        return onnxruntime_runner(model_path, threads)
     if backend == 'openvino':
-        return openvino_runner(model_path, threads or default_threads())
+        return openvino_runner(model_path, threads, precision)
     preprocess = read_preprocess(model_path)
-    predictor = create_predictor(model_path, preprocess, device, onednn, tensorrt, max_batch, threads)
+    predictor = create_predictor(model_path, preprocess, device, onednn, tensorrt, max_batch, threads, precision)
     return preprocess, logits_function(predictor)
+
+
+def check_precision(args: argparse.Namespace, backend: str, device: str) -> None:
+    """Exit if -precision cannot run with this backend, device or model at all."""
+    if args.precision == 'fp32':
+        return
+    reason = precisions.unsupported(args.precision, backend)
+    if reason:
+        fail(f'-precision {args.precision} -backend {backend}: {reason}')
+    if device != 'cpu':
+        fail(f'-precision {args.precision} is for the CPU; on GPU, -tensorrt runs FP32')
+    if backend == 'paddle' and args.disable_onednn:
+        fail(f'-precision {args.precision} on Paddle Inference runs oneDNN\'s kernels: drop -disable_onednn')
+    if args.precision == 'int8':
+        if args.model.endswith(INT8_SUFFIX):
+            fail(f'{args.model}: give the exported float32 model; -precision int8 runs its {INT8_SUFFIX} beside it')
+        quantized = int8_path(args.model)
+        if not os.path.isfile(quantized):
+            fail(f'{quantized}: no such file; write it with python tools/quantize.py -model {args.model} '
+                 '-calibration FOLDER')
+
+
+def val_images(data_path: str) -> Tuple[list, list, int]:
+    """(paths, labels, class count) of DATA/val in ImageNet format (class folders, indexed
+    as in training), or exit naming what is wrong."""
+    from datasets import scan_class_folders
+    try:
+        paths, labels, classes = scan_class_folders(data_path, 'val')
+    except (OSError, ValueError) as err:
+        fail(str(err))
+    if not paths:
+        fail(f'{os.path.join(data_path, "val")}: no images in its class folders')
+    return paths, labels, len(classes)
+
+
+def evaluate(paths: list, labels: list, transform, batch_size: int, logits_of: LogitsFunction,
+             reference_of: Optional[LogitsFunction], k: int) -> dict:
+    """Top-1 and top-`k` accuracy of `logits_of` on the images (unreadable ones skipped, on
+    stderr), and where `reference_of` (the fp32 model) is given, its top-1 accuracy and the
+    share of images both give the same top-1 class."""
+    counts = dict.fromkeys(('images', 'top1', 'topk', 'reference_top1', 'agree'), 0)
+    for start in range(0, len(paths), batch_size):
+        pairs = [(read_image(path), label) for path, label in zip(paths[start:start + batch_size],
+                                                                  labels[start:start + batch_size])]
+        pairs = [(transform(image), label) for image, label in pairs if image is not None]
+        if not pairs:
+            continue
+        images, truth = np.stack([image for image, _ in pairs]), np.array([label for _, label in pairs])
+        ranked = np.argsort(-logits_of(images), axis=1, kind='stable')[:, :k]
+        counts['images'] += len(truth)
+        counts['top1'] += int((ranked[:, 0] == truth).sum())
+        counts['topk'] += int((ranked == truth[:, None]).any(axis=1).sum())
+        if reference_of is not None:
+            reference = np.argmax(reference_of(images), axis=1)
+            counts['reference_top1'] += int((reference == truth).sum())
+            counts['agree'] += int((reference == ranked[:, 0]).sum())
+    return counts
+
+
+def print_accuracy(counts: dict, k: int, compared: bool) -> None:
+    """`top-1 X | top-5 Y | N images`, then the agreement with fp32."""
+    share = lambda key: counts[key] / counts['images']
+    print(f'top-1 {share("top1"):.4f} | top-{k} {share("topk"):.4f} | {counts["images"]} images')
+    if compared:
+        print(f'top-1 agreement with fp32: {share("agree"):.4f} ({counts["agree"]} of {counts["images"]} images; '
+              f'the fp32 model alongside: top-1 {share("reference_top1"):.4f})')
+    else:
+        print('top-1 agreement with fp32: 1.0000 (this run is fp32)')
 
 
 def check_model(args: argparse.Namespace) -> str:
@@ -300,21 +403,37 @@ def check_model(args: argparse.Namespace) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     backend = check_model(args)
-    if args.backend is None and backend == 'onnxruntime':
-        print(f'{args.model}: running in ONNX Runtime; OpenVINO, the faster CPU runtime here, is not installed '
-              '(pip install -r requirements-deploy.txt)', file=sys.stderr)
     device = 'cpu' if backend in ONNX_BACKENDS else args.device or ('gpu' if gpu_available() else 'cpu')
     if device == 'gpu' and not gpu_available():
         fail('-device gpu: this Paddle has no CUDA or sees no GPU')
     if args.tensorrt and device != 'gpu':
         fail('-tensorrt needs -device gpu')
-    images = list_images(args.images)
-    preprocess, logits_of = create_runner(args.model, backend, device, not args.disable_onednn,
-                                          args.tensorrt, args.batch_size, args.threads or 0)
+    check_precision(args, backend, device)
+    data = val_images(args.data_path) if args.data_path else None
+    images = list_images(args.images) if args.images else None
+    choice = precisions.choose(args.precision, backend, args.force_precision)
+    runner = lambda precision: create_runner(args.model, backend, device, not args.disable_onednn, args.tensorrt,
+                                             args.batch_size, args.threads or 0, precision)
+    preprocess, logits_of = runner(choice.run)  # exits on a model the runtime cannot load, before any output
+    print(precisions.first_line(choice, backend), file=sys.stderr, flush=True)
+    if args.backend is None and backend == 'onnxruntime':
+        print(f'{args.model}: running in ONNX Runtime; OpenVINO, the faster CPU runtime here, is not installed '
+              '(pip install -r requirements-deploy.txt)', file=sys.stderr)
     num_classes = preprocess['num_classes']
+    transform = val_transform(preprocess_config(preprocess))
+    if data is not None:
+        paths, truth, classes = data
+        if classes != num_classes:
+            fail(f'{args.data_path}: {classes} classes, but the model has {num_classes}')
+        reference_of = runner('fp32')[1] if choice.run != 'fp32' else None
+        k = min(5, num_classes)
+        counts = evaluate(paths, truth, transform, args.batch_size, logits_of, reference_of, k)
+        if not counts['images']:
+            fail(f'{os.path.join(args.data_path, "val")}: none of its {len(paths)} images could be read')
+        print_accuracy(counts, k, reference_of is not None)
+        return 0
     check_topk(args.topk, num_classes)
     labels = read_labels(args.labels, num_classes)
-    transform = val_transform(preprocess_config(preprocess))
     done = print_predictions(images, transform, args.batch_size, logits_of, args.topk, labels)
     return 0 if done else 1
 
