@@ -1,0 +1,87 @@
+"""The GPU paths that a CPU can check with the GPU stood in: TensorRT's engine cache in
+tools/infer.py. (No Paddle GPU build runs here; docs/gpu.md says what was verified where.)"""
+
+import os
+import sys
+import types
+
+import paddle
+import pytest
+
+from tools import infer
+from tools.export_model import MODEL_PREFIX
+
+
+@pytest.fixture
+def export_folder(tmp_path):
+    folder = tmp_path / 'export'
+    folder.mkdir()
+    (folder / (MODEL_PREFIX + '.json')).write_text('{}')
+    (folder / (MODEL_PREFIX + '.pdiparams')).write_bytes(b'weights')
+    return str(folder)
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    """paddle.tensorrt as the GPU build has it, converting by writing the two files; counts builds."""
+    builds = []
+
+    class Input:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class TensorRTConfig:
+        def __init__(self, inputs, precision_mode):
+            self.inputs, self.precision_mode, self.save_model_dir = inputs, precision_mode, None
+
+    def convert(source_prefix, config):
+        builds.append(config.precision_mode)
+        os.makedirs(os.path.dirname(config.save_model_dir), exist_ok=True)
+        for suffix in ('.json', '.pdiparams'):
+            with open(config.save_model_dir + suffix, 'w') as out:
+                out.write(str(config.precision_mode))
+
+    export = types.SimpleNamespace(Input=Input, TensorRTConfig=TensorRTConfig,
+                                   PrecisionMode=types.SimpleNamespace(FP16='FP16', FP32='FP32'))
+    monkeypatch.setitem(sys.modules, 'paddle.tensorrt', types.SimpleNamespace(convert=convert, export=export))
+    monkeypatch.setitem(sys.modules, 'paddle.tensorrt.export', export)
+    monkeypatch.setattr(paddle, 'tensorrt', sys.modules['paddle.tensorrt'], raising=False)
+    monkeypatch.setattr(paddle.device.cuda, 'get_device_name', lambda *a: 'NVIDIA H100 80GB HBM3')
+    return builds
+
+
+PREPROCESS = {'image_size': 224, 'input_name': 'image'}
+
+
+def test_tensorrt_engines_are_built_once_per_precision_and_batch(export_folder, fake_tensorrt):
+    first = infer.tensorrt_program(export_folder, PREPROCESS, 8, 'fp16')
+    again = infer.tensorrt_program(export_folder, PREPROCESS, 8, 'fp16')
+    assert first == again and fake_tensorrt == ['FP16']  # the second run found the engines
+    assert open(first + '.json').read() == 'FP16'
+    other = infer.tensorrt_program(export_folder, PREPROCESS, 8, 'fp32')
+    bigger = infer.tensorrt_program(export_folder, PREPROCESS, 32, 'fp16')
+    assert len({first, other, bigger}) == 3 and fake_tensorrt == ['FP16', 'FP32', 'FP16']
+
+
+def test_a_new_export_or_another_gpu_builds_anew(export_folder, fake_tensorrt, monkeypatch):
+    first = infer.tensorrt_program(export_folder, PREPROCESS, 8, 'fp16')
+    monkeypatch.setattr(paddle.device.cuda, 'get_device_name', lambda *a: 'Tesla V100-SXM2-16GB')
+    assert infer.tensorrt_program(export_folder, PREPROCESS, 8, 'fp16') != first
+    with open(os.path.join(export_folder, MODEL_PREFIX + '.pdiparams'), 'wb') as out:
+        out.write(b'weights of a newer export')
+    infer.tensorrt_program(export_folder, PREPROCESS, 8, 'fp16')
+    assert len(fake_tensorrt) == 3
+
+
+def test_a_build_that_died_is_never_used(export_folder, fake_tensorrt, monkeypatch):
+    real_convert = sys.modules['paddle.tensorrt'].convert
+
+    def dies(source_prefix, config):
+        real_convert(source_prefix, config)
+        raise KeyboardInterrupt  # killed after writing, before the folder is renamed into place
+    monkeypatch.setattr(sys.modules['paddle.tensorrt'], 'convert', dies)
+    with pytest.raises(KeyboardInterrupt):
+        infer.tensorrt_program(export_folder, PREPROCESS, 8, 'fp16')
+    monkeypatch.setattr(sys.modules['paddle.tensorrt'], 'convert', real_convert)
+    infer.tensorrt_program(export_folder, PREPROCESS, 8, 'fp16')
+    assert len(fake_tensorrt) == 2  # built again, not taken from the partial folder
