@@ -30,7 +30,7 @@ _C.DATA.DATASET = 'imagenet2012'  # imagenet2012, cifar10 or cifar100
 _C.DATA.IMAGE_SIZE = 224
 _C.DATA.CROP_PCT = 0.875  # eval: resize short side to IMAGE_SIZE / CROP_PCT, centre crop
 _C.DATA.INTERPOLATION = 'bicubic'
-_C.DATA.NUM_WORKERS = 4
+_C.DATA.NUM_WORKERS = -1  # loader processes per training process; -1: by the cores and device (datasets.py)
 _C.DATA.ALLOW_OUTSIDE_PATHS = False  # list files may name images outside DATA_PATH (absolute, ../)
 _C.DATA.IMAGENET_MEAN = [0.485, 0.456, 0.406]
 _C.DATA.IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -367,7 +367,7 @@ def smallest_image_size(model: CN) -> int:
 # check when it is None; per-stage and list keys check every entry.
 RANGES = (
     ('DATA.BATCH_SIZE', 1, None), ('DATA.BATCH_SIZE_EVAL', 1, None), ('DATA.IMAGE_SIZE', 1, None),
-    ('DATA.CROP_PCT', (0,), 1), ('DATA.NUM_WORKERS', 0, None), ('DATA.IMAGENET_STD', (0,), None),
+    ('DATA.CROP_PCT', (0,), 1), ('DATA.NUM_WORKERS', -1, None), ('DATA.IMAGENET_STD', (0,), None),
     ('MODEL.NUM_CLASSES', 0, None),
     ('MODEL.PATCH_SIZE', 1, None), ('MODEL.PATCH_STRIDE', 1, None), ('MODEL.PATCH_PADDING', 0, None),
     ('MODEL.DIM_EMBED', 1, None), ('MODEL.NUM_HEADS', 1, None), ('MODEL.DEPTH', 1, None),

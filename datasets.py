@@ -376,6 +376,28 @@ def collate(samples: Sequence[Sample]) -> Tuple[np.ndarray, np.ndarray, np.ndarr
             np.stack(boxes))
 
 
+AUTO_WORKERS = -1  # DATA.NUM_WORKERS: `default_workers`
+MAX_AUTO_WORKERS = 8
+
+
+def local_processes(world_size: int) -> int:
+    """The training processes on this machine: paddle.distributed.launch says so
+    (PADDLE_LOCAL_SIZE); main_multi_gpu.py's processes are all on one machine."""
+    return int(os.environ.get('PADDLE_LOCAL_SIZE') or world_size)
+
+
+def default_workers(processes: int, on_gpu: bool) -> int:
+    """Loader workers per training process for DATA.NUM_WORKERS -1: with a GPU, the process's
+    share of the cores less one for itself (up to 8), which keeps up with a GPU's appetite;
+    on the CPU, whose cores compute the model, one worker overlaps the decoding with it
+    (none on a single core)."""
+    from runtime import usable_cores
+    cores = usable_cores() // max(1, processes)
+    if on_gpu:
+        return max(1, min(MAX_AUTO_WORKERS, cores - 1))
+    return 1 if cores >= 2 else 0
+
+
 def get_dataloader(config, dataset: AugmentedDataset, mode: str, multi_process: bool) -> paddle.io.DataLoader:
     """Loader of (images uint8 [B, 3, H, W], labels int64 [B], unreadable int64 [B], rectangles
     to erase int32 [B, K, 4]) batches, which transforms.DeviceFinish turns into normalised
@@ -389,7 +411,7 @@ def get_dataloader(config, dataset: AugmentedDataset, mode: str, multi_process: 
     shards are NOT padded (process r gets samples r, r + world, ...), so every
     sample is evaluated exactly once overall but processes may run one batch
     fewer than others: gather results after the loop, not per batch.
-    Workers (DATA.NUM_WORKERS) persist across epochs and ignore stop signals
+    Workers (DATA.NUM_WORKERS; -1: `default_workers`) persist across epochs and ignore stop signals
     (SIGTERM, SIGINT: the training process handles them); call
     ``set_epoch(loader, epoch)`` before each epoch.
     """
@@ -407,8 +429,8 @@ def get_dataloader(config, dataset: AugmentedDataset, mode: str, multi_process: 
     sampler = EpochBatchSampler(dataset, batch_size, num_replicas, rank, shuffle=training,
                                 drop_last=training, pad=training, seed=config.SEED)
     workers = config.DATA.NUM_WORKERS
-    if workers < 0:
-        raise ValueError(f'DATA.NUM_WORKERS must be >= 0, got {workers}')
+    if workers == AUTO_WORKERS:
+        workers = default_workers(local_processes(num_replicas), paddle.get_device().startswith('gpu'))
     return paddle.io.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                 collate_fn=collate,
                                 persistent_workers=workers > 0, return_list=True,

@@ -183,7 +183,7 @@ def test_opts_come_after_the_file_and_before_the_flags():
 
 @pytest.mark.parametrize('key, value, message', [
     ('DATA.BATCH_SIZE', '0', r'DATA\.BATCH_SIZE must be >= 1, got 0'),
-    ('DATA.NUM_WORKERS', '-1', r'DATA\.NUM_WORKERS must be >= 0, got -1'),
+    ('DATA.NUM_WORKERS', '-2', r'DATA\.NUM_WORKERS must be >= -1, got -2'),
     ('DATA.CROP_PCT', '1.5', r'DATA\.CROP_PCT must be in \(0, 1\], got 1\.5'),
     ('TRAIN.NUM_EPOCHS', '-3', r'TRAIN\.NUM_EPOCHS must be >= 1, got -3'),
     ('TRAIN.WARMUP_EPOCHS', '-1', r'TRAIN\.WARMUP_EPOCHS must be >= 0'),

@@ -294,3 +294,20 @@ def test_val_loader_keeps_order_and_every_sample(tmp_path):
 def test_set_epoch_rejects_foreign_loaders():
     with pytest.raises(TypeError, match='get_dataloader'):
         datasets.set_epoch(object(), 0)
+
+
+@pytest.mark.parametrize('cores, processes, on_gpu, expected', [
+    (64, 8, True, 7), (96, 4, True, 8), (4, 1, True, 3), (2, 2, True, 1),   # GPU: the share less one, up to 8
+    (16, 1, False, 1), (2, 1, False, 1), (1, 1, False, 0),                   # CPU: the cores compute
+])
+def test_the_default_worker_count_follows_the_cores_per_process(monkeypatch, cores, processes, on_gpu, expected):
+    import runtime
+    monkeypatch.setattr(runtime, 'usable_cores', lambda: cores)
+    assert datasets.default_workers(processes, on_gpu) == expected
+
+
+def test_launched_processes_count_the_local_ones(monkeypatch):
+    monkeypatch.setenv('PADDLE_LOCAL_SIZE', '8')
+    assert datasets.local_processes(world_size=16) == 8
+    monkeypatch.delenv('PADDLE_LOCAL_SIZE')
+    assert datasets.local_processes(world_size=4) == 4
