@@ -85,3 +85,14 @@ def test_a_build_that_died_is_never_used(export_folder, fake_tensorrt, monkeypat
     monkeypatch.setattr(sys.modules['paddle.tensorrt'], 'convert', real_convert)
     infer.tensorrt_program(export_folder, PREPROCESS, 8, 'fp16')
     assert len(fake_tensorrt) == 2  # built again, not taken from the partial folder
+
+
+def test_the_gpu_check_says_in_one_line_that_it_needs_a_gpu():
+    import subprocess
+    result = subprocess.run([sys.executable, 'tools/check_gpu.py', '-skip_tensorrt'], capture_output=True,
+                            text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        pytest.skip('a GPU is here: run tools/check_gpu.py itself')
+    assert result.returncode == 2
+    assert result.stderr.strip() == ('error: no CUDA GPU here (or a CPU build of Paddle): this script checks '
+                                     'the GPU paths on a GPU')
