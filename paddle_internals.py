@@ -19,12 +19,11 @@ import paddle.nn as nn
 
 
 class ConvGeometry(NamedTuple):
-    """How an nn.Conv2D slides over its input."""
-    kernel: Tuple[int, int]
+    """How an nn.Conv2D slides over its input (its kernel size and groups show in its
+    weight's shape, (out channels, in channels / groups, kernel height, kernel width))."""
     stride: Tuple[int, int]
     padding: Tuple[Tuple[int, int], Tuple[int, int]]  # (top, bottom), (left, right)
     dilation: Tuple[int, int]
-    groups: int
     explicit_padding: bool  # False for padding 'SAME' / 'VALID' (then `padding` is not the rule)
     channels_first: bool  # NCHW
     zero_padding: bool  # padding_mode 'zeros'
@@ -40,15 +39,14 @@ def _pairs(padding) -> Tuple[Tuple[int, int], Tuple[int, int]]:
 
 
 def conv_geometry(conv: nn.Conv2D) -> ConvGeometry:
-    """The geometry nn.Conv2D was built with: it keeps its arguments as `_kernel_size`,
-    `_stride`, `_dilation`, `_groups`, `_data_format`, `_padding_mode`, and its padding,
-    normalised to per-axis values, as `_updated_padding` (with `_padding_algorithm`)."""
-    kernel, stride, dilation = (tuple(int(v) for v in value)
-                                for value in (conv._kernel_size, conv._stride, conv._dilation))
+    """The geometry nn.Conv2D was built with: it keeps its arguments as `_stride`,
+    `_dilation`, `_data_format`, `_padding_mode`, and its padding, normalised to per-axis
+    values, as `_updated_padding` (with `_padding_algorithm`)."""
+    stride, dilation = (tuple(int(v) for v in value) for value in (conv._stride, conv._dilation))
     explicit = getattr(conv, '_padding_algorithm', 'EXPLICIT') == 'EXPLICIT'
     padding = _pairs(conv._updated_padding) if explicit else ((0, 0), (0, 0))
-    return ConvGeometry(kernel, stride, padding, dilation, int(conv._groups), explicit,
-                        conv._data_format == 'NCHW', conv._padding_mode == 'zeros')
+    return ConvGeometry(stride, padding, dilation, explicit, conv._data_format == 'NCHW',
+                        conv._padding_mode == 'zeros')
 
 
 class BatchNormSettings(NamedTuple):

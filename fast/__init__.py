@@ -17,13 +17,11 @@ Importing this package changes nothing process-wide and builds nothing: the kern
 are compiled (once per machine, cached) when a fast layer first runs on the CPU.
 """
 
-from typing import Optional
-
 import paddle.nn as nn
 
 import cvt
 from config import LAYERS
-from fast.layers import (FastAttention, FastBlock, FastConvEmbed, FastConvolutionalVisionTransformer,  # noqa: F401
+from fast.layers import (FastAttention, FastBlock, FastConvEmbed, FastConvolutionalVisionTransformer,
                          FastLayerNorm, FastMlp, FastVisionTransformer, kernel_isa)
 
 # each plain layer of cvt.py and its fast subclass

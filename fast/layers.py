@@ -6,6 +6,9 @@ freely between the two, and `fast.convert` turns one into the other in place.
 Each fast forward gives the plain forward's outputs (logits to 1e-4), gradients and
 BatchNorm statistics (tests/test_fast_layers.py).
 
+Where a fast layer takes the plain forward it calls it by its class (`cvt.Mlp.forward(self, x)`):
+Paddle 2.6's static-graph conversion rewrites `forward` without the cell `super()` needs.
+
 When a fast layer runs its own forward:
 - in dynamic mode (a static graph, as export traces, takes the plain forward);
 - while every sublayer it computes itself, reading its weights instead of calling
@@ -66,7 +69,8 @@ def _square_kernel_geometry(conv: nn.Conv2D) -> Optional[Tuple[int, int]]:
     g = conv_geometry(conv)
     (top, bottom), (left, right) = g.padding
     plain = (g.explicit_padding and g.channels_first and g.zero_padding and g.dilation == (1, 1)
-             and g.kernel[0] == g.kernel[1] and g.stride[0] == g.stride[1] and top == bottom == left == right)
+             and conv.weight.shape[2] == conv.weight.shape[3] and g.stride[0] == g.stride[1]
+             and top == bottom == left == right)
     return (g.stride[0], top) if plain else None
 
 
@@ -76,7 +80,7 @@ class FastLayerNorm(nn.LayerNorm):
     def forward(self, x):
         if not (kernels.runs_on(x) and self.weight is not None and self.bias is not None
                 and list(self.weight.shape) == [x.shape[-1]]):
-            return super().forward(x)
+            return nn.LayerNorm.forward(self, x)
         return kernels.layer_norm(x, self.weight, self.bias, layer_norm_epsilon(self))
 
 
@@ -91,7 +95,7 @@ class FastMlp(cvt.Mlp):
 
     def forward(self, x):
         if not self.computes_itself():
-            return super().forward(x)
+            return cvt.Mlp.forward(self, x)
         hidden = self.drop(kernels.linear_silu(x, self.fc1.weight, self.fc1.bias, QUICK_GELU_SLOPE))
         return self.drop(kernels.linear(hidden, self.fc2.weight, self.fc2.bias))
 
@@ -108,7 +112,7 @@ class FastAttention(cvt.Attention):
 
     def forward(self, x, h: int, w: int):
         if not self.computes_itself():
-            return super().forward(x, h, w)
+            return cvt.Attention.forward(self, x, h, w)
         x_map, cls_column = kernels.tokens_to_maps(x, h, w, 1 if self.with_cls_token else 0)
         q, k, v = (self._projected(p, x_map, cls_column) for p in (self.conv_proj_q, self.conv_proj_k,
                                                                    self.conv_proj_v))
@@ -150,9 +154,10 @@ class FastAttention(cvt.Attention):
         conv, norm = projection[0], projection[1]
         if not (_as_built(conv, nn.Conv2D) and _as_built(norm, nn.BatchNorm2D)):
             return None
-        channels, per_group, kernel_h, kernel_w = (int(s) for s in conv.weight.shape)
+        channels, per_group, kernel_h, _ = (int(s) for s in conv.weight.shape)
         geometry = _square_kernel_geometry(conv)
-        depthwise = per_group == 1 and channels == int(x_map.shape[1]) == conv_geometry(conv).groups
+        # one input channel per filter, as many filters as input channels: groups = channels
+        depthwise = per_group == 1 and channels == int(x_map.shape[1])
         if (geometry is None or not depthwise or conv.bias is not None or kernel_h > 8 or norm.weight is None
                 or norm.bias is None or not batch_norm_settings(norm).channels_first):
             return None
@@ -212,7 +217,7 @@ class FastBlock(cvt.Block):
 
     def forward(self, x, h: int, w: int):
         if not (kernels.runs_on(x) and _as_built(self.drop_path, cvt.DropPath, nn.Identity)):
-            return super().forward(x, h, w)
+            return cvt.Block.forward(self, x, h, w)
         x = self._residual(x, self.attn(self.norm1(x), h, w), _output_is_private(self.attn))
         return self._residual(x, self.mlp(self.norm2(x)), _output_is_private(self.mlp))
 
@@ -229,8 +234,8 @@ class FastConvEmbed(cvt.ConvEmbed):
     def forward(self, x) -> Tuple[paddle.Tensor, int, int]:
         conv = self.proj
         geometry = _square_kernel_geometry(conv) if _as_built(conv, nn.Conv2D) and kernels.runs_on(x) else None
-        if geometry is None or conv_geometry(conv).groups != 1:
-            return super().forward(x)
+        if geometry is None or conv.weight.shape[1] != x.shape[1]:  # groups > 1
+            return cvt.ConvEmbed.forward(self, x)
         tokens, h, w = kernels.patch_conv(x, conv.weight, conv.bias, *geometry)
         return self.norm(tokens), h, w
 
@@ -240,14 +245,20 @@ class FastVisionTransformer(cvt.VisionTransformer):
     one threaded pass."""
 
     def forward(self, x):
-        if not paddle.in_dynamic_mode():
-            return super().forward(x)
+        # cvt.VisionTransformer.forward with another last step (written out, not called:
+        # Paddle 2.6's static-graph conversion would leave a called forward unconverted,
+        # and its batch size unknown)
         x, h, w = self.patch_embed(x)
         if self.cls_token is not None:
             x = paddle.concat([self.cls_token.expand([x.shape[0], -1, -1]), x], axis=1)
         x = self.pos_drop(x)
         for block in self.blocks:
             x = block(x, h, w)
+        if not kernels.runs_on(x):
+            cls_token = None
+            if self.cls_token is not None:
+                cls_token, x = cvt.split_cls_token(x)
+            return cvt.tokens_to_map(x, h, w), cls_token
         x_map, cls_column = kernels.tokens_to_maps(x, h, w, 0 if self.cls_token is None else 1)
         # (B, C, 1) -> (B, 1, C)
         return x_map, (None if cls_column is None else cls_column.reshape([0, 1, x.shape[2]]))

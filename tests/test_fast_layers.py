@@ -20,6 +20,7 @@ import pytest
 
 import cvt
 import fast
+import paddle_internals
 from conftest import runnable_kernel_builds, switch_kernel_build
 from config import get_config
 from fast import kernels
@@ -294,8 +295,10 @@ def test_sync_batch_norm_in_place_of_batch_norm_runs(monkeypatch, cpu_ops):
         """SyncBatchNorm's forward as it computes in one process (BatchNorm's): Paddle
         has no CPU kernel for it."""
         calls.append(1)
-        return F.batch_norm(x, self._mean, self._variance, self.weight, self.bias, training=self.training,
-                            momentum=self._momentum, epsilon=self._epsilon)
+        mean, variance = paddle_internals.batch_norm_statistics(self)
+        settings = paddle_internals.batch_norm_settings(self)
+        return F.batch_norm(x, mean, variance, self.weight, self.bias, training=self.training,
+                            momentum=settings.momentum, epsilon=settings.epsilon)
     monkeypatch.setattr(nn.SyncBatchNorm, 'forward', single_process_forward)
     model = small_model()
     images, labels = paddle.randn([2, 3, 64, 64]), paddle.to_tensor([1, 7])

@@ -93,7 +93,8 @@ def _conv_output_hw(conv: nn.Conv2D, hw: Tuple[int, int]) -> Tuple[int, int]:
     g = conv_geometry(conv)
     if not g.explicit_padding:
         raise ValueError(f'{conv.full_name()}: only explicit padding is counted, not SAME or VALID')
-    return tuple(_window_output(hw[a], g.kernel[a], g.stride[a], g.padding[a], g.dilation[a]) for a in (0, 1))
+    kernel = conv.weight.shape[2:]
+    return tuple(_window_output(hw[a], kernel[a], g.stride[a], g.padding[a], g.dilation[a]) for a in (0, 1))
 
 
 def _conv_macs(conv: nn.Conv2D, out_hw: Tuple[int, int]) -> int:
