@@ -10,9 +10,9 @@ backward where a gradient is wanted, and called directly without one (then the
 ops told `overwrite` write into the caller's temporary: one pass less).
 
 `runs_on(x)` says where the kernels run: dynamic mode, float32 tensors on the CPU,
-with the library built. The ops the fast attention and MLP call on any tensor
-(`linear`, `linear_silu`, `add_bias`, `softmax`, `tokens_to_maps`) run Paddle's ops
-elsewhere (GPU, float16, no library); the others are called only where `runs_on` holds.
+with the library built. The ops the fast layers call on any tensor (`linear`,
+`add_bias`, `softmax`, `tokens_to_maps`) run Paddle's ops elsewhere (GPU, float16, no
+library); the others are called only where `runs_on` holds.
 """
 
 from typing import Optional, Sequence, Tuple
@@ -333,11 +333,7 @@ def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor
 
 def linear_silu(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor, slope: float) -> paddle.Tensor:
     """``z * sigmoid(slope * z)`` of ``z = x @ weight + bias`` (slope 1.702: QuickGELU): the
-    GEMM, then the bias and the activation in one threaded pass (`bias_silu`) where the
-    kernels run; Paddle's linear and ops elsewhere."""
-    if not runs_on(x):
-        z = linear(x, weight, bias)
-        return z * F.sigmoid(slope * z)
+    GEMM, then the bias and the activation in one threaded pass (`bias_silu`)."""
     rows = paddle.matmul(x.reshape([-1, x.shape[-1]]), weight)
     return bias_silu(rows, bias, slope, overwrite=True).reshape(list(x.shape[:-1]) + [weight.shape[1]])
 

@@ -17,9 +17,9 @@ When a fast layer runs its own forward:
   hooked makes the layer run the plain forward, which calls it as written;
 - the attention takes the plain forward while `cvt.record_attention` records it.
 The threaded C kernels (kernels.py) run on float32 CPU tensors where their library
-is built; elsewhere (GPU, float16, no C compiler) the layers whose speed is only the
-kernels (LayerNorm, the token embedding, the block's residual additions) run the
-plain forward, and the attention and the MLP their own forward through Paddle's ops.
+is built; elsewhere (GPU, float16, no C compiler) the LayerNorms, the blocks and the
+stage's last step run the plain forward, and the attention, the MLP and (on the CPU)
+the token embedding their own forward through Paddle's ops.
 
 What the fast forwards do differently, and why (figures in docs/speed.md):
 - q, k and v stay channels-first (B, C, L) after their convolutions: the GEMMs read
@@ -32,7 +32,9 @@ What the fast forwards do differently, and why (figures in docs/speed.md):
   the kernels writing q, k and v put back before them (no concatenation); the
   depthwise convolutions, BatchNorm (in inference folded into the convolution),
   softmax, LayerNorm and the residual additions (DropPath's factor included) are
-  threaded kernels. In inference the kernels write into the temporaries they read.
+  threaded kernels. In inference the kernels write into the temporaries they read (the
+  block into its branch only where a fast attention or MLP made it: never into a
+  tensor that a hook or a replaced layer may hold).
 - On a GPU under float16/bfloat16 autocast, softmax(q k^T) v is
   F.scaled_dot_product_attention (flash attention).
 """
@@ -96,8 +98,16 @@ class FastMlp(cvt.Mlp):
     def forward(self, x):
         if not self.computes_itself():
             return cvt.Mlp.forward(self, x)
-        hidden = self.drop(kernels.linear_silu(x, self.fc1.weight, self.fc1.bias, QUICK_GELU_SLOPE))
-        return self.drop(kernels.linear(hidden, self.fc2.weight, self.fc2.bias))
+        if kernels.runs_on(x):
+            hidden = kernels.linear_silu(x, self.fc1.weight, self.fc1.bias, QUICK_GELU_SLOPE)
+            fc2_weight = self.fc2.weight
+        else:
+            # x sigmoid(1.702 x) = silu(1.702 x) / 1.702: the slope folded into fc1's weights and
+            # its inverse into fc2's leaves one SiLU op for the three passes of QuickGELU
+            # (scaling the weights costs far less than passes over the widest activation)
+            hidden = F.silu(kernels.linear(x, self.fc1.weight * QUICK_GELU_SLOPE, self.fc1.bias * QUICK_GELU_SLOPE))
+            fc2_weight = self.fc2.weight * (1.0 / QUICK_GELU_SLOPE)
+        return self.drop(kernels.linear(self.drop(hidden), fc2_weight, self.fc2.bias))
 
 
 class FastAttention(cvt.Attention):
@@ -229,15 +239,28 @@ class FastBlock(cvt.Block):
 
 
 class FastConvEmbed(cvt.ConvEmbed):
-    """The token embedding with its convolution as one GEMM over the batch's patches."""
+    """The token embedding with its convolution as one GEMM over the batch's patches, or
+    with its bias added apart."""
 
     def forward(self, x) -> Tuple[paddle.Tensor, int, int]:
         conv = self.proj
-        geometry = _square_kernel_geometry(conv) if _as_built(conv, nn.Conv2D) and kernels.runs_on(x) else None
-        if geometry is None or conv.weight.shape[1] != x.shape[1]:  # groups > 1
+        if not (paddle.in_dynamic_mode() and _as_built(conv, nn.Conv2D) and x.place.is_cpu_place()):
             return cvt.ConvEmbed.forward(self, x)
-        tokens, h, w = kernels.patch_conv(x, conv.weight, conv.bias, *geometry)
-        return self.norm(tokens), h, w
+        geometry = _square_kernel_geometry(conv)
+        if kernels.runs_on(x) and geometry is not None and conv.weight.shape[1] == x.shape[1]:  # groups 1
+            tokens, h, w = kernels.patch_conv(x, conv.weight, conv.bias, *geometry)
+            return self.norm(tokens), h, w
+        g = conv_geometry(conv)
+        if conv.bias is None or not (g.explicit_padding and g.zero_padding and g.channels_first):
+            return cvt.ConvEmbed.forward(self, x)
+        # without the kernels: Paddle's CPU convolution adds its bias shaped (1, C, 1, 1), through
+        # a broadcast much slower than a (C, 1, 1) one (CvT-13's three embeddings at batch 16,
+        # 2 threads: 117 against 68 ms)
+        x = F.conv2d(x, conv.weight, None, g.stride, [p for pair in g.padding for p in pair], g.dilation,
+                     x.shape[1] // conv.weight.shape[1])
+        x = kernels.add_bias(x, conv.bias, axis=1)
+        h, w = x.shape[2], x.shape[3]
+        return self.norm(cvt.map_to_tokens(x)), h, w
 
 
 class FastVisionTransformer(cvt.VisionTransformer):
