@@ -43,6 +43,10 @@ _C.MODEL.RESUME = None
 _C.MODEL.PRETRAINED = None
 _C.MODEL.NUM_CLASSES = 1000  # 0: the model returns pooled features
 _C.MODEL.INIT = 'trunc_norm'  # trunc_norm or xavier (Linear weights)
+# fast: the speed layers of fast/ (threaded CPU kernels; flash attention in float16 on GPU),
+# the same model and weights as the plain layers, which each layer runs where it has
+# nothing faster; plain: cvt.py's layers as written (docs/speed.md)
+_C.MODEL.LAYERS = 'fast'
 _C.MODEL.NUM_STAGES = 3
 _C.MODEL.PATCH_SIZE = [7, 3, 3]
 _C.MODEL.PATCH_STRIDE = [4, 2, 2]
@@ -151,6 +155,7 @@ PER_STAGE_KEYS = (
     'DROP_PATH_RATE', 'CLS_TOKEN', 'QKV_PROJ_METHOD', 'KERNEL_QKV',
     'PADDING_Q', 'PADDING_KV', 'STRIDE_Q', 'STRIDE_KV')
 QKV_PROJ_METHODS = ('dw_bn', 'avg', 'linear')
+LAYERS = ('fast', 'plain')  # MODEL.LAYERS: the speed layers of fast/, or cvt.py's as written
 INIT_METHODS = ('trunc_norm', 'xavier')
 
 
@@ -393,6 +398,7 @@ CHOICES = (
     ('TRAIN.DISTILLATION_TYPE', ('none', 'soft', 'hard')),
     ('TRAIN.CROP_MODE', ('random_resized', 'resize_random')),
     ('AMP_DTYPE', ('float16', 'bfloat16', 'auto')),
+    ('MODEL.LAYERS', LAYERS),
 )
 
 

@@ -15,11 +15,11 @@ files load with ``set_dict``:
 
 Linear weights are stored [in, out] (Paddle's layout).
 
-Each layer's forward is the plain one, step by step as in the official code.
-Attention, Mlp, LayerNorm, ConvEmbed and Block also have a speed path, the same
-function with fewer passes over the activations and, on the CPU, threaded C
-kernels: it lives in fast_paths.py and plugs in with one branch per layer;
-`set_fast_paths(model, False)` turns it off (docs/speed.md).
+This file is the model as the paper and the official code write it: each layer
+has one forward, which calls its sublayers. The speed layers (fast/: subclasses of
+these with the same constructors and weights, computing the same with threaded CPU
+kernels) are chosen by MODEL.LAYERS when `build_cvt` builds the model; nothing
+here depends on them.
 """
 
 import math
@@ -31,7 +31,6 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-import fast_paths
 import fileio
 
 # The official init is timm's trunc_normal_(std=0.02), truncated at +-2 absolute
@@ -49,17 +48,6 @@ class QuickGELU(nn.Layer):
 
     def forward(self, x):
         return x * F.sigmoid(1.702 * x)
-
-
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm over the last axis (the fast path: a threaded CPU kernel)."""
-
-    fast_path = True  # see set_fast_paths
-
-    def forward(self, x):
-        if self.fast_path:
-            return fast_paths.layer_norm(self, x)
-        return super().forward(x)
 
 
 class DropPath(nn.Layer):
@@ -89,8 +77,6 @@ class DropPath(nn.Layer):
 class Mlp(nn.Layer):
     """Linear -> QuickGELU -> dropout -> Linear -> dropout."""
 
-    fast_path = True  # see set_fast_paths
-
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
@@ -99,8 +85,6 @@ class Mlp(nn.Layer):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        if self.fast_path:
-            return fast_paths.mlp(self, x)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -150,11 +134,6 @@ class Attention(nn.Layer):
     the official code the released weights were trained with.
     """
 
-    fast_path = True  # see set_fast_paths; recording attention takes the plain path
-    # F.scaled_dot_product_attention for softmax(q k^T) v in the fast path: True,
-    # False, or None for the device's default (GPU float16/bfloat16 only)
-    fused_attention: Optional[bool] = None
-
     def __init__(self, dim_in: int, dim_out: int, num_heads: int, qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, method: str = 'dw_bn',
                  kernel_size: int = 3, stride_kv: int = 2, stride_q: int = 1,
@@ -186,8 +165,6 @@ class Attention(nn.Layer):
         return x.reshape([0, 0, self.num_heads, -1]).transpose([0, 2, 1, 3])
 
     def forward(self, x, h: int, w: int):
-        if self.fast_path and self.attention_sink is None:
-            return fast_paths.attention(self, x, h, w)
         if self.with_cls_token:
             cls_token, tokens = split_cls_token(x)
         else:
@@ -215,21 +192,17 @@ class Attention(nn.Layer):
 class Block(nn.Layer):
     """Pre-norm transformer block: attention and MLP, each with a residual."""
 
-    fast_path = True  # see set_fast_paths
-
     def __init__(self, dim_in: int, dim_out: int, num_heads: int, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, **attn_kwargs):
         super().__init__()
-        self.norm1 = LayerNorm(dim_in, epsilon=1e-5)
+        self.norm1 = nn.LayerNorm(dim_in, epsilon=1e-5)
         self.attn = Attention(dim_in, dim_out, num_heads, qkv_bias, attn_drop, drop, **attn_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = LayerNorm(dim_out, epsilon=1e-5)
+        self.norm2 = nn.LayerNorm(dim_out, epsilon=1e-5)
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), drop)
 
     def forward(self, x, h: int, w: int):
-        if self.fast_path:
-            return fast_paths.block(self, x, h, w)
         x = x + self.drop_path(self.attn(self.norm1(x), h, w))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -237,17 +210,13 @@ class Block(nn.Layer):
 class ConvEmbed(nn.Layer):
     """Convolutional token embedding: Conv2D then LayerNorm over channels."""
 
-    fast_path = True  # see set_fast_paths
-
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, stride: int, padding: int):
         super().__init__()
         self.proj = nn.Conv2D(in_chans, embed_dim, patch_size, stride=stride, padding=padding)
-        self.norm = LayerNorm(embed_dim, epsilon=1e-5)
+        self.norm = nn.LayerNorm(embed_dim, epsilon=1e-5)
 
     def forward(self, x) -> Tuple[paddle.Tensor, int, int]:
         """(B, C, H, W) map -> (B, H'*W', D) tokens, H', W'."""
-        if self.fast_path:
-            return fast_paths.conv_embed(self, x)
         x = self.proj(x)
         h, w = x.shape[2], x.shape[3]
         return self.norm(map_to_tokens(x)), h, w
@@ -255,8 +224,6 @@ class ConvEmbed(nn.Layer):
 
 class VisionTransformer(nn.Layer):
     """One CvT stage: token embedding, optional cls token, then `depth` blocks."""
-
-    fast_path = True  # see set_fast_paths
 
     def __init__(self, in_chans: int, embed_dim: int, depth: int, num_heads: int,
                  patch_size: int, patch_stride: int, patch_padding: int,
@@ -285,8 +252,6 @@ class VisionTransformer(nn.Layer):
         x = self.pos_drop(x)
         for block in self.blocks:
             x = block(x, h, w)
-        if self.fast_path:
-            return fast_paths.stage_output(self, x, h, w)
         cls_token = None
         if self.cls_token is not None:
             cls_token, x = split_cls_token(x)
@@ -346,7 +311,7 @@ class ConvolutionalVisionTransformer(nn.Layer):
             in_chans = dim_embed[i]
         self.stages = nn.LayerList(stages)
         self.num_features = dim_embed[-1]
-        self.norm = LayerNorm(self.num_features, epsilon=1e-5)
+        self.norm = nn.LayerNorm(self.num_features, epsilon=1e-5)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             _trunc_normal(self.head.weight)
@@ -389,9 +354,10 @@ class ConvolutionalVisionTransformer(nn.Layer):
 
 
 def build_cvt(config) -> ConvolutionalVisionTransformer:
-    """Build the CvT model that `config` (see config.py) describes."""
+    """Build the CvT model that `config` (see config.py) describes, with the layers
+    MODEL.LAYERS names: `plain` (this file's) or `fast` (fast/: the same model, faster)."""
     m = config.MODEL
-    return ConvolutionalVisionTransformer(
+    model = ConvolutionalVisionTransformer(
         in_chans=3, num_classes=m.NUM_CLASSES, init=m.INIT,
         patch_size=m.PATCH_SIZE, patch_stride=m.PATCH_STRIDE, patch_padding=m.PATCH_PADDING,
         dim_embed=m.DIM_EMBED, num_heads=m.NUM_HEADS, depth=m.DEPTH, mlp_ratio=m.MLP_RATIO,
@@ -399,6 +365,10 @@ def build_cvt(config) -> ConvolutionalVisionTransformer:
         drop_path_rate=m.DROP_PATH_RATE, cls_token=m.CLS_TOKEN, qkv_proj_method=m.QKV_PROJ_METHOD,
         kernel_qkv=m.KERNEL_QKV, padding_q=m.PADDING_Q, padding_kv=m.PADDING_KV,
         stride_q=m.STRIDE_Q, stride_kv=m.STRIDE_KV)
+    if m.LAYERS == 'plain':
+        return model
+    import fast  # the speed layers: only named here, so that this file is the plain model
+    return fast.convert(model, m.LAYERS)
 
 
 @contextmanager
@@ -421,23 +391,6 @@ def record_attention(model: nn.Layer):
     finally:
         for attn in attentions:
             attn.attention_sink = None
-
-
-def set_fast_paths(model: nn.Layer, enabled: bool = True, fused_attention: Optional[bool] = None) -> None:
-    """Turn the model's speed paths (fast_paths.py) on or off; off, every layer runs
-    its plain forward, calling its sublayers (forward hooks, replaced layers) as written.
-
-    `fused_attention` picks, in the fast attention, F.scaled_dot_product_attention
-    (True), the explicit softmax (False), or the default for the device (None:
-    GPU float16/bfloat16 only). Either way the outputs are the same; turn the
-    fast paths off before exporting to ONNX or Paddle Inference (static graphs
-    take the plain layers' operators).
-    """
-    for layer in model.sublayers(include_self=True):
-        if isinstance(layer, (Attention, Mlp, LayerNorm, ConvEmbed, Block, VisionTransformer)):
-            layer.fast_path = enabled
-        if isinstance(layer, Attention):
-            layer.fused_attention = fused_attention
 
 
 HEAD_KEYS = ('head.weight', 'head.bias')

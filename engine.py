@@ -33,9 +33,11 @@ import paddle.nn.functional as F
 import checkpoint
 import cvt
 import datasets
+import fast
 import fileio
 import losses
 import mixup as mixup_lib
+import paddle_internals
 import preemption
 import reporting
 from config import get_config
@@ -205,7 +207,7 @@ def average_batchnorm_statistics(model: nn.Layer, world_size: int) -> None:
         return
     for layer in model.sublayers(include_self=True):
         if isinstance(layer, BATCH_NORMS):
-            for stat in (layer._mean, layer._variance):
+            for stat in paddle_internals.batch_norm_statistics(layer):
                 dist.all_reduce(stat)
                 paddle.assign(stat / world_size, output=stat)  # on the device
 
@@ -581,7 +583,7 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
         logger.info(f'loaded weights {config.MODEL.PRETRAINED}', extra=FILE_ONLY)
     settings = dict(train_images=None if train_set is None else len(train_set), val_images=len(val_set),
                     num_classes=val_set.num_classes, params=sum(int(np.prod(p.shape)) for p in model.parameters()),
-                    world_size=world_size, device=paddle.get_device())
+                    world_size=world_size, device=paddle.get_device(), layers=fast.describe(model))
 
     if config.EVAL:
         reporter.log_settings(**settings)
@@ -618,6 +620,7 @@ def build_teacher(config, logger) -> nn.Layer:
     teacher_config = get_config(config.TRAIN.TEACHER_CFG)
     teacher_config.defrost()
     teacher_config.MODEL.NUM_CLASSES = config.MODEL.NUM_CLASSES
+    teacher_config.MODEL.LAYERS = config.MODEL.LAYERS  # the run's one choice of layers
     teacher = cvt.build_cvt(teacher_config)
     try:
         cvt.load_pretrained(teacher, config.TRAIN.TEACHER_PRETRAINED, allow_other_head=False)

@@ -11,22 +11,18 @@
 """
 
 import os
+import re
+import sys
+from typing import Optional
 
-USER_SET_THREADS = 'OMP_NUM_THREADS' in os.environ or 'MKL_NUM_THREADS' in os.environ
+import runtime
+import utils
+from config import get_config, update_config
 
-import runtime  # noqa: E402
-runtime.configure()  # before paddle: threads, MKL's code path, allocator
-
-import re  # noqa: E402
-import sys  # noqa: E402
-
-import paddle  # noqa: E402
-import paddle.distributed as dist  # noqa: E402
-
-import engine  # noqa: E402
-import preemption  # noqa: E402
-import utils  # noqa: E402
-from config import get_config, update_config  # noqa: E402
+# Each process calls runtime.configure() once: this launcher in main(), each training
+# process in worker(), with its share of the cores. Spawned processes inherit the
+# launcher's environment (MKL's code path, OpenMP's spin time), which their Paddle,
+# loaded by the spawn machinery before worker() runs, reads as it loads.
 
 
 def launched_by_paddle() -> bool:
@@ -34,20 +30,28 @@ def launched_by_paddle() -> bool:
     return 'PADDLE_TRAINER_ID' in os.environ and 'PADDLE_TRAINERS_NUM' in os.environ
 
 
-def worker(config) -> None:
-    """One training process: usage errors are the same in every process, so
-    only rank 0 reports them."""
+def worker(config, threads: Optional[int] = None) -> None:
+    """One training process: its start-up (`threads`: its share of the cores, not pinned;
+    None: the runtime's default), then the engine. Usage errors are the same in every
+    process, so only rank 0 reports them."""
+    if threads is None:
+        runtime.configure()
+    else:
+        runtime.configure(threads, pin=False)  # the processes share the cores without pinning
+    import engine  # after the start-up: it imports Paddle
     quiet = int(os.environ.get('PADDLE_TRAINER_ID', '0')) != 0
     utils.report_errors(engine.run, config, multi_process=True, quiet=quiet)
 
 
-def spawned_worker(config, launcher: int) -> None:
+def spawned_worker(config, threads: int, launcher: int) -> None:
     """A training process started by this launcher: it ends should the launcher die."""
+    import preemption  # Paddle is loaded already: the spawn machinery loaded it
     preemption.die_with_parent(launcher)
-    worker(config)
+    worker(config, threads)
 
 
 def process_count(requested: int) -> int:
+    import paddle
     gpus = paddle.device.cuda.device_count() if paddle.device.is_compiled_with_cuda() else 0
     if requested and requested > 0:
         if gpus and requested > gpus:
@@ -65,15 +69,18 @@ def main() -> None:
     if launched_by_paddle():
         worker(config)
         return
+    runtime.configure()  # this launcher's own start-up; it computes nothing itself
+    import paddle
+    import paddle.distributed as dist
+    import engine
+    import preemption
     engine.check_paths(config)
     nprocs = process_count(config.NGPUS)
     on_cpu = not (paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)
-    if on_cpu and not USER_SET_THREADS:
-        # the processes share the cores instead of each claiming all of them
-        threads = str(max(1, len(os.sched_getaffinity(0)) // nprocs))
-        os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = threads
+    # on the CPU the processes share the cores instead of each claiming all of them
+    threads = runtime.threads_per_process(nprocs) if on_cpu else runtime.threads()
     with preemption.deferred_stop_requests():
-        processes = dist.spawn(spawned_worker, args=(config, os.getpid()), nprocs=nprocs,
+        processes = dist.spawn(spawned_worker, args=(config, threads, os.getpid()), nprocs=nprocs,
                                backend='gloo' if on_cpu else 'nccl', join=False)
     with preemption.ForwardStopSignals([p.pid for p in processes.processes]) as stop:
         try:

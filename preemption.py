@@ -33,9 +33,6 @@ import time
 from types import FrameType
 from typing import Dict, Iterator, List, Optional
 
-import numpy as np
-import paddle
-import paddle.distributed as dist
 
 # exit codes, as a shell reports a process ended by the signal
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGUSR1: 143}
@@ -83,7 +80,9 @@ class StopSignals:
         """The stop requested in any process (0: none); a collective with several."""
         if world_size < 2:
             return self.code
-        flag = paddle.to_tensor(np.array([self.code], dtype=np.int64))
+        import paddle  # not at import: the entry points import this module before Paddle's start-up
+        import paddle.distributed as dist
+        flag = paddle.to_tensor([self.code], dtype='int64')
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.numpy()[0])
 

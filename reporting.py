@@ -153,8 +153,9 @@ class Reporter:
         self.logger.info(f'log and full config: {where}', extra=TERMINAL_ONLY)
 
     def log_settings(self, *, train_images: Optional[int], val_images: int, num_classes: int,
-                     params: int, world_size: int, device: str, epochs_done: int = 0) -> None:
-        """One line of the settings that matter, on the terminal and in the log."""
+                     params: int, world_size: int, device: str, layers: str, epochs_done: int = 0) -> None:
+        """One line of the settings that matter, on the terminal and in the log; `layers`:
+        the model's layers in words (fast.describe)."""
         if not self.active:
             return
         config = self.config
@@ -170,7 +171,7 @@ class Reporter:
                       else f'{config.TRAIN.NUM_EPOCHS} epochs')
             job = f'train {epochs}'
         self.logger.info(f'{job} | model {config.MODEL.NAME} ({params / 1e6:.2f} M params) | {data} | '
-                         f'image {config.DATA.IMAGE_SIZE} | {batch} process(es) | device {device}')
+                         f'image {config.DATA.IMAGE_SIZE} | {batch} process(es) | device {device} | layers {layers}')
 
     def start_training(self, epochs_done: int) -> None:
         """Continue the history of a resumed run; open VisualDL if asked for."""

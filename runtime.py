@@ -1,10 +1,12 @@
-"""Process-wide runtime set-up: `configure()`, which every entry point calls before Paddle loads.
+"""Process-wide runtime set-up: `configure()`, each entry point's start-up, which loads Paddle.
 
-Importing this module changes nothing; `configure()` sets the thread count
-(MKL's and that of Paddle's own OpenMP kernels), MKL's code path on AMD,
-OpenMP's spin time and glibc's allocator, and silences two of Paddle's notices.
-In a notebook or your own script, call it before ``import paddle`` to get the
-same set-up as the project's scripts:
+Importing this module changes nothing and does not import Paddle. `configure()`
+decides the process's thread count once, sets what Paddle's libraries read as
+they load (MKL's thread count and its code path on AMD, OpenMP's spin time),
+glibc's allocator and two warning filters, then imports Paddle and gives its own
+OpenMP kernels the same thread count; the project's CPU kernels (fast/) take it
+from `threads()`. In a notebook or your own script, call it instead of importing
+Paddle first, to get the same set-up as the project's scripts:
 
     import runtime
     runtime.configure()
@@ -108,26 +110,48 @@ def mkl_code_path() -> str:
     return f'{path}, MKL_ENABLE_INSTRUCTIONS={limit}' if limit else path
 
 
-def configure(threads: Optional[int] = None) -> None:
-    """Set threads, MKL's code path, OpenMP's spin time and the allocator for this
-    process, and filter two of Paddle's notices; must run before Paddle is imported
-    (the environment variables are read when its libraries load).
+# the thread count configure() chose (None: not called in this process), and whether it
+# was the user's own (MKL_NUM_THREADS)
+_threads: Optional[int] = None
+_users_threads = False
 
-    `threads`: run on that many of the usable cores (the process is pinned to
-    them; MKL and the CPU kernels use as many threads), overriding MKL_NUM_THREADS;
-    default: all usable cores, or the user's MKL_NUM_THREADS.
+
+def configure(threads: Optional[int] = None, pin: bool = True) -> int:
+    """This process's start-up, before anything else imports Paddle: Paddle is imported
+    last, after the environment its libraries read as they load. Returns the thread
+    count.
+
+    The count is decided once: `threads`, else the user's MKL_NUM_THREADS, else the
+    cores this process may use (its CPU affinity). MKL and Paddle's own OpenMP
+    kernels (AdamW's update among them) get it, and so do the project's CPU kernels
+    (`threads()`); an OMP_NUM_THREADS the user set is left to Paddle's OpenMP kernels,
+    unless `threads` is given. With `threads` and `pin`, the process is pinned to the
+    first `threads` of its usable cores. A later call in the same process (a tool's
+    module imported by a test, a notebook cell run again) changes nothing and returns
+    the first count.
     """
+    global _threads, _users_threads
+    if _threads is not None:
+        return _threads
+    # Paddle sets OMP_NUM_THREADS=1 as it loads where it is unset (and warns where it is
+    # above 1), which leaves its OpenMP kernels on one core; a value set before that is the user's
+    users_omp = 'OMP_NUM_THREADS' in os.environ and 'paddle' not in sys.modules
+    _users_threads = threads is None and 'MKL_NUM_THREADS' in os.environ
     if threads is not None:
-        use_cores(threads)
+        if pin:
+            use_cores(threads)
         os.environ['MKL_NUM_THREADS'] = str(threads)
     # Paddle warns at import that its C++ extension builder found no ccache (this
     # project builds no extensions), and notes at every BatchNorm in training mode
     # that it tracks running statistics
     warnings.filterwarnings('ignore', message='No ccache found')
     warnings.filterwarnings('ignore', message='When training, we now always track global mean')
-    # MKL's GEMMs take MKL_NUM_THREADS. OMP_NUM_THREADS is left to the user: MKL
-    # does not need it, and Paddle prints a warning at import when it is above 1.
+    # MKL's GEMMs take MKL_NUM_THREADS as MKL loads (and child processes inherit it).
     os.environ.setdefault('MKL_NUM_THREADS', str(usable_cores()))
+    try:
+        count = max(1, int(os.environ['MKL_NUM_THREADS']))
+    except ValueError:  # MKL reports a malformed MKL_NUM_THREADS itself
+        count = usable_cores()
     # Paddle's CPU wheel links Intel MKL, which takes a slow generic code path on
     # AMD processors unless told to use the AVX2/AVX-512 kernels (a 2048^3 sgemm
     # on 2 Zen 5 cores: 98 GFLOP/s by default, 240 with AVX2, 440 with AVX-512).
@@ -142,24 +166,29 @@ def configure(threads: Optional[int] = None) -> None:
     # faster than at 0).
     os.environ.setdefault('KMP_BLOCKTIME', '1')
     keep_freed_memory()
-    if 'OMP_NUM_THREADS' not in os.environ:  # the user's, else Paddle sets it to 1 at import
-        share_threads_with_paddle(os.environ['MKL_NUM_THREADS'])
+    import paddle_internals  # imports Paddle: MKL and OpenMP load with the settings above
+    if threads is not None or not users_omp:
+        # CvT-13's AdamW update took 53 ms of an 860 ms training step on 16 cores with
+        # Paddle's OpenMP kernels left on one thread
+        paddle_internals.set_num_threads(count)
+    _threads = count
+    return count
 
 
-def share_threads_with_paddle(threads: str) -> None:
-    """Import Paddle and give its own OpenMP kernels (AdamW's update among them) `threads`
-    threads, as MKL has. Paddle sets OMP_NUM_THREADS=1 at import where it is unset (and
-    warns where it is above 1), which leaves those kernels on one core: CvT-13's AdamW
-    update took 53 ms of an 860 ms training step on 16 cores."""
+def threads() -> int:
+    """The thread count `configure()` chose; without it, MKL_NUM_THREADS or the usable cores."""
+    if _threads is not None:
+        return _threads
     try:
-        count = int(threads)
-    except ValueError:  # MKL reports a malformed MKL_NUM_THREADS itself
-        return
-    import paddle  # after the environment above, as the entry points import it next
-    try:
-        paddle.base.core.set_num_threads(count)  # MKL's and OpenMP's
-    except (RuntimeError, NotImplementedError):  # a Paddle built with neither MKL nor OpenBLAS
-        pass
+        return max(1, int(os.environ.get('MKL_NUM_THREADS', '')))
+    except ValueError:
+        return usable_cores()
+
+
+def threads_per_process(processes: int) -> int:
+    """The thread count for each of `processes` processes sharing this machine's CPU (after
+    `configure()`): the user's MKL_NUM_THREADS if they set one, else an equal share of the cores."""
+    return threads() if _users_threads else max(1, usable_cores() // processes)
 
 
 # glibc's own environment variables for the same settings; a user who sets any

@@ -195,7 +195,7 @@ def report_errors(func: Callable[..., None], *args, quiet: bool = False, **kwarg
     its traceback. `quiet` leaves the message of a usage error to another
     process that hits the same (deterministic) problem.
     """
-    from preemption import ended_with_the_run  # it imports Paddle: only here, at an entry point
+    from preemption import ended_with_the_run  # preemption imports utils: here, not at the top
     try:
         with ended_with_the_run():
             func(*args, **kwargs)

@@ -23,19 +23,19 @@ def seeded():
 
 def runnable_kernel_builds():
     """The CPU kernel builds this machine runs (an AVX-512 CPU runs the AVX2 build too)."""
-    import cpu_kernels
-    return {'avx512': ['avx512', 'avx2'], 'avx2': ['avx2']}.get(cpu_kernels.native_isa(), [])
+    from fast import build
+    return {'avx512': ['avx512', 'avx2'], 'avx2': ['avx2']}.get(build.native_isa(), [])
 
 
 def switch_kernel_build(monkeypatch, isa: str) -> None:
     """Load the CPU kernels' `isa` build for one test (monkeypatch restores the default)."""
-    import cpu_kernels
+    from fast import build
     monkeypatch.setenv('CVT_CPU_ISA', isa)
     for name, value in (('_load_attempted', False), ('_library', None), ('_isa', None)):
-        monkeypatch.setattr(cpu_kernels, name, value)
-    if cpu_kernels.load() is None:
+        monkeypatch.setattr(build, name, value)
+    if build.load() is None:
         pytest.skip(f'the {isa} build of the CPU kernels cannot be built here (no C compiler?)')
-    assert cpu_kernels.active_build() == isa
+    assert build.isa() == isa
 
 
 @pytest.fixture(params=runnable_kernel_builds() or ['none'])

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import cpu_kernels
+from fast import build
 from test_export_onnx import needs_converter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,22 +21,28 @@ def benchmark(*args, **env) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_prints_cpu_isa_mkl_path_kernel_build_and_threads():
+def test_prints_cpu_isa_mkl_path_layers_kernel_build_and_threads():
     result = benchmark('-mode', 'train', '-threads', '1')
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith('cpu: ') and 'vector ISA' in lines[0] and '1 cores used' in lines[0]
-    assert lines[1].startswith('threads 1, MKL code path ') and 'CPU kernels ' in lines[1]
+    assert lines[1].startswith('threads 1, MKL code path ') and ', layers fast, CPU kernels ' in lines[1]
     assert lines[-1].startswith('throughput: ') and lines[-1].endswith(' img/s')
 
 
-@pytest.mark.skipif(cpu_kernels.native_isa() != 'avx512' or cpu_kernels.load() is None,
+@pytest.mark.skipif(build.native_isa() != 'avx512' or build.load() is None,
                     reason='needs an AVX-512 CPU and a C compiler to emulate an AVX2 one')
 def test_emulated_avx2_machine_is_reported():
     result = benchmark(CVT_CPU_ISA='avx2', MKL_DEBUG_CPU_TYPE='5')
     assert result.returncode == 0, result.stderr
     assert 'MKL code path AVX2 (MKL_DEBUG_CPU_TYPE=5)' in result.stdout
-    assert 'CPU kernels avx2 build' in result.stdout
+    assert 'layers fast, CPU kernels avx2' in result.stdout
+
+
+def test_the_plain_layers_are_one_setting_away():
+    result = benchmark('-mode', 'infer', '-threads', '1', '-opts', 'MODEL.LAYERS', 'plain')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[1].endswith(', layers plain')
 
 
 def test_too_many_threads_is_one_line_error():
@@ -63,10 +69,10 @@ def test_a_missing_config_is_a_one_line_error():
 
 
 def test_the_comparison_checks_its_counts_before_starting_anything():
-    result = subprocess.run([sys.executable, 'tools/benchmark_compare.py', '-rounds', '0'], cwd=ROOT,
+    result = subprocess.run([sys.executable, 'benchmarks/compare_with_pytorch.py', '-rounds', '0'], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == ('benchmark_compare.py: error: argument -rounds: '
+    assert result.stderr.strip().splitlines()[-1] == ('compare_with_pytorch.py: error: argument -rounds: '
                                                        'must be at least 1, got 0')
 
 

@@ -10,7 +10,7 @@ import paddle.nn as nn
 import pytest
 
 from config import get_config
-from cvt import build_cvt, record_attention, set_fast_paths
+from cvt import build_cvt, record_attention
 from tools.model_info import build_for_counting, count_macs, count_parameters, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,10 +106,11 @@ def _measure_forward(model, image_hw):
 
 
 def test_counting_matches_a_real_forward_of_an_unusual_config():
-    model = build_cvt(_unusual_config())
+    config = _unusual_config()
+    config.defrost()
+    config.MODEL.LAYERS = 'plain'  # the plain layers call every layer: the hooks see each convolution and Linear
+    model = build_cvt(config)
     model.eval()
-    # the plain path calls every layer, so the hooks see each convolution and Linear
-    set_fast_paths(model, False)
     image_hw = (41, 34)
     measured, tokens = _measure_forward(model, image_hw)
     counted = count_macs(model, image_hw)

@@ -14,7 +14,8 @@ import pytest
 import runtime
 from test_export_onnx import needs_converter, needs_openvino
 from test_predict import parse_top_k, write_images, write_tiny_model
-from tools import benchmark_compare, export_model, export_onnx, infer, precision, quantize
+from benchmarks import compare_with_pytorch as benchmark_compare
+from tools import export_model, export_onnx, infer, precision, quantize
 
 AVX2_ONLY = frozenset({'sse4_2', 'avx', 'avx2', 'fma', 'f16c'})
 NATIVE = AVX2_ONLY | {'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_bf16', 'amx_int8'}
@@ -319,7 +320,7 @@ def test_bad_input_to_the_onnx_export_is_one_line_and_exit_2(models, tmp_path, c
 def test_the_bf16_comparison_says_it_cannot_be_made_without_native_bf16(monkeypatch):
     stand_in_cpu(monkeypatch, AVX2_ONLY)
     monkeypatch.setattr(benchmark_compare, 'cpu_info', runtime.cpu_info)
-    monkeypatch.setattr('sys.argv', ['benchmark_compare.py', '-precision', 'bf16'])
+    monkeypatch.setattr('sys.argv', ['compare_with_pytorch.py', '-precision', 'bf16'])
     monkeypatch.setattr(benchmark_compare, 'throughput', lambda *a: pytest.fail('nothing may run'))
     with pytest.raises(SystemExit) as exit_info:
         benchmark_compare.main()
@@ -330,7 +331,7 @@ def test_the_bf16_comparison_says_it_cannot_be_made_without_native_bf16(monkeypa
 def test_the_bf16_comparison_alternates_ours_in_bf16_and_int8_with_pytorch_autocast(monkeypatch, capsys):
     stand_in_cpu(monkeypatch, NATIVE)
     monkeypatch.setattr(benchmark_compare, 'cpu_info', runtime.cpu_info)
-    monkeypatch.setattr('sys.argv', ['benchmark_compare.py', '-precision', 'bf16', '-threads', '1', '-rounds', '2'])
+    monkeypatch.setattr('sys.argv', ['compare_with_pytorch.py', '-precision', 'bf16', '-threads', '1', '-rounds', '2'])
     runs = []
     rates = {'bf16': 40.0, 'int8': 60.0, 'torch': 16.0}
 
@@ -341,5 +342,5 @@ def test_the_bf16_comparison_alternates_ours_in_bf16_and_int8_with_pytorch_autoc
     monkeypatch.setattr(benchmark_compare, 'throughput', throughput)
     benchmark_compare.main()
     assert runs == [('benchmark.py', 'bf16', 'bf16'), ('benchmark.py', 'int8', 'int8'),
-                    ('benchmark_torch.py', 'torch', 'bf16')] * 2
+                    ('pytorch_cvt.py', 'torch', 'bf16')] * 2
     assert capsys.readouterr().out.splitlines()[-1].split() == ['1', '40.00', '60.00', '16.00', '2.50x', '1.50x']

@@ -52,6 +52,7 @@ def test_terminal_shows_a_bar_and_one_line_per_epoch_the_log_file_everything(dat
     assert 'config:\n' not in shown and 'Step[' not in shown and 'Validation Acc@1' not in shown
     assert f'log and full config: {tmp_path}/log.txt' in shown
     assert 'model CvT-demo-48x48' in shown and '42 train / 30 val images' in shown and 'device cpu' in shown
+    assert '| layers fast, CPU kernels ' in shown  # the layers that run, and the kernels' build
     assert '\repoch 1/2 [' in shown and '5/5' in shown
     lines = [line.rsplit('\r', 1)[-1] for line in shown.splitlines()]
     epoch_lines = [line for line in lines if ' | train loss ' in line]
@@ -70,9 +71,11 @@ def test_without_a_terminal_the_periodic_lines_replace_the_bar(data_path, tmp_pa
 
 def test_evaluation_shows_a_bar_and_one_result_line(data_path, tmp_path, monkeypatch):
     checkpoint = engine.run(tiny_config(data_path, str(tmp_path / 'train'), {'TRAIN.NUM_EPOCHS': 1}))['checkpoint']
-    config = tiny_config(data_path, str(tmp_path / 'eval'), {'EVAL': True, 'MODEL.PRETRAINED': checkpoint})
+    config = tiny_config(data_path, str(tmp_path / 'eval'), {'EVAL': True, 'MODEL.PRETRAINED': checkpoint,
+                                                             'MODEL.LAYERS': 'plain'})
     result, shown = run_captured(monkeypatch, FakeTerminal(), config)
     assert '\rvalidating [' in shown and 'config:\n' not in shown
+    assert shown.splitlines()[1].endswith('| layers plain')  # the settings line
     assert f'val top-1 {result["val"]["acc1"]:.4f} | top-5' in shown and '30 images' in shown
     assert 'Validation Acc@1' in (tmp_path / 'eval' / 'log.txt').read_text()
 

@@ -22,10 +22,11 @@ logits out; ``-precision bf16|int8`` runs it as ``infer.py -precision`` does
 the random batch as its calibration images (for speed only).
 It runs under the same runtime set-up as the training and evaluation scripts
 (``runtime.configure()`` before Paddle); ``-threads N`` runs on N of the
-usable cores (default: all). It prints the CPU, its vector ISA, MKL's code
-path, the CPU kernel build and the thread count, then the median step; the
-last line is ``throughput: X img/s``. ``tools/benchmark_torch.py`` prints the
-same for transformers' CvT.
+usable cores (default: all); ``-opts MODEL.LAYERS plain`` times the plain
+layers. It prints the CPU, its vector ISA, MKL's code path, the layers and the
+CPU kernel build, and the thread count, then the median step; the last line is
+``throughput: X img/s``. ``benchmarks/pytorch_cvt.py`` prints the same for
+transformers' CvT.
 """
 
 import argparse
@@ -42,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import runtime  # noqa: E402
 from tools.precision import PRECISIONS  # noqa: E402  (imports no Paddle)
-from utils import fail, int_at_least, thread_count  # noqa: E402
+from utils import add_opts_argument, fail, int_at_least, thread_count  # noqa: E402
 
 ISA_NAMES = {'avx512': 'AVX-512', 'avx2': 'AVX2', None: 'neither AVX2 nor AVX-512'}
 
@@ -50,6 +51,7 @@ ISA_NAMES = {'avx512': 'AVX-512', 'avx2': 'AVX2', None: 'neither AVX2 nor AVX-51
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('-cfg', type=str, required=True)
+    add_opts_argument(parser)
     parser.add_argument('-batch_size', type=int_at_least(1), default=16)
     parser.add_argument('-image_size', type=int_at_least(1), default=None)
     parser.add_argument('-mode', choices=('infer', 'train', 'deploy'), default='infer')
@@ -82,10 +84,11 @@ if __name__ == '__main__':
 import paddle  # noqa: E402
 import paddle.nn.functional as F  # noqa: E402
 
-import cpu_kernels  # noqa: E402
 import engine  # noqa: E402
+import fast  # noqa: E402
 import losses  # noqa: E402
-from cvt import build_cvt, set_fast_paths  # noqa: E402
+from cvt import build_cvt  # noqa: E402
+from fast import build  # noqa: E402
 from tools._common import model_config  # noqa: E402
 
 
@@ -127,7 +130,7 @@ def deploy_step(model: paddle.nn.Layer, config, images, backend: str, asked: str
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     if backend in infer.ONNX_BACKENDS:
         path = os.path.join(folder, 'model.onnx')
-        set_fast_paths(model, False)  # as tools/export_onnx.py exports it
+        fast.convert(model, 'plain')  # as tools/export_onnx.py exports it
         export_onnx.convert(model, config, path, export_onnx.DEFAULT_OPSET)
         if choice.run == 'int8':
             quantize.quantize(path, list(images), quantize.int8_path(path), 'the benchmark\'s random images')
@@ -140,16 +143,14 @@ def deploy_step(model: paddle.nn.Layer, config, images, backend: str, asked: str
     return lambda: logits_of(images), choice.run
 
 
-def describe_machine() -> str:
-    """The CPU, its vector ISA, MKL's code path, the CPU kernel build and the threads, in words."""
-    vendor, model = runtime.cpu_model()
-    build = cpu_kernels.active_build()
-    kernels = (f'{build} build ({", ".join(sorted(cpu_kernels.FASTER_THAN_PADDLE[build]))})'
-               if build else "off (Paddle's ops)")
-    return (f'cpu: {model} ({vendor}), vector ISA {ISA_NAMES[cpu_kernels.native_isa()]}, '
+def describe_machine(model: paddle.nn.Layer) -> str:
+    """The CPU, its vector ISA, MKL's code path, the model's layers with the CPU kernel build,
+    and the threads, in words."""
+    vendor, cpu = runtime.cpu_model()
+    return (f'cpu: {cpu} ({vendor}), vector ISA {ISA_NAMES[build.native_isa()]}, '
             f'{runtime.usable_cores()} cores used\n'
-            f'threads {os.environ.get("MKL_NUM_THREADS")}, MKL code path {runtime.mkl_code_path()}, '
-            f'CPU kernels {kernels}')
+            f'threads {runtime.threads()}, MKL code path {runtime.mkl_code_path()}, '
+            f'layers {fast.describe(model)}')
 
 
 def profile(step, steps: int) -> None:
@@ -215,7 +216,7 @@ def main(args: argparse.Namespace) -> None:
     step_s = sorted(times)[len(times) // 2]
     if args.profile:
         profile(step, args.iters)
-    print(describe_machine())
+    print(describe_machine(model))
     print(f'paddle {paddle.__version__} on {paddle.get_device()}, {config.MODEL.NAME}, {args.mode}, '
           f'batch {args.batch_size}, {size}px, {number_format}')
     print(f'{step_s * 1e3:.1f} ms/step (median of {args.iters}), peak memory {peak_memory_mb():.0f} MiB')

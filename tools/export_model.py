@@ -9,7 +9,8 @@ Writes into the -output folder, with ``paddle.jit.save``:
     preprocess.json    image size, crop fraction, interpolation, mean and std of the
                        config's val transform, so that infer.py needs no config
 The input is ``image`` (batch, 3, IMAGE_SIZE, IMAGE_SIZE) float32, any batch size;
-the output is the logits (batch, NUM_CLASSES).
+the output is the logits (batch, NUM_CLASSES). The model is built with its plain
+layers (MODEL.LAYERS plain): a static program holds cvt.py's operators as written.
 """
 
 import argparse
@@ -64,6 +65,14 @@ def preprocess_of(config) -> dict:
     }
 
 
+def plain_layers(config):
+    """`config` with MODEL.LAYERS plain: what the exporters build and trace."""
+    config = config.clone()
+    config.defrost()
+    config.MODEL.LAYERS = 'plain'
+    return config
+
+
 def export(model: paddle.nn.Layer, config, output_dir: str) -> str:
     """Save `model` (eval mode) traced for (any batch, 3, IMAGE_SIZE, IMAGE_SIZE)
     images, and the preprocessing of `config`, into `output_dir`; returns the program file."""
@@ -78,7 +87,7 @@ def export(model: paddle.nn.Layer, config, output_dir: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = classifier_config(args)
+    config = plain_layers(classifier_config(args))
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         fail(f'{args.output}: exists and is not a folder')
     weights = check_weights_file(args.pretrained, config)  # may fetch: after the cheap checks

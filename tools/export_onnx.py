@@ -3,8 +3,8 @@
     python tools/export_onnx.py -cfg configs/cvt-13-224x224.yaml -pretrained cvt-13-224x224 \\
         -output cvt-13-224x224.onnx [-num_classes N] [-image_size S] [-opset 17]
 
-The model is traced with its plain layers (``cvt.set_fast_paths(model, False)``:
-the CPU fast paths use operators paddle2onnx cannot convert) by
+The model is built with its plain layers (MODEL.LAYERS plain: the operators of
+cvt.py as written, which paddle2onnx converts), traced by
 ``paddle.jit.save`` into a temporary folder, converted by paddle2onnx, and run
 by ONNX Runtime on random images at batch 1 and 2 against the Paddle model;
 the largest logit difference is printed, and the file is written only if it is
@@ -33,7 +33,7 @@ import paddle  # noqa: E402
 
 from tools._common import (add_model_arguments, check_weights_file, classifier_config,  # noqa: E402
                            fail, load_model)
-from tools.export_model import MODEL_PREFIX, export, preprocess_of  # noqa: E402
+from tools.export_model import MODEL_PREFIX, export, plain_layers, preprocess_of  # noqa: E402
 
 METADATA_KEY = 'cvt.preprocess'
 BATCH_AXIS = 'batch'
@@ -146,7 +146,7 @@ def largest_difference(session, images: list, expected: list) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = classifier_config(args)
+    config = plain_layers(classifier_config(args))
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         fail(f'-opset {args.opset}: paddle2onnx 2.1 writes opsets {MIN_OPSET} to {MAX_OPSET}')
     if os.path.isdir(args.output):
@@ -159,10 +159,7 @@ def main(argv=None) -> int:
     model = load_model(config, weights)
 
     images = check_images(config.DATA.IMAGE_SIZE)
-    expected = paddle_logits(model, images)  # the model as the project runs it, fast paths included
-
-    from cvt import set_fast_paths
-    set_fast_paths(model, False)
+    expected = paddle_logits(model, images)
     # a file beside the output, renamed once checked: a failed export leaves an earlier one in place
     partial = args.output + '.partial'
     convert(model, config, partial, args.opset)

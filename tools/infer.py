@@ -290,7 +290,7 @@ def openvino_runner(model_path: str, threads: int, precision: str = 'fp32') -> T
         import openvino
     except ImportError as err:
         fail(f'OpenVINO is not installed ({err}); {INSTALL_HINT}')
-    core = openvino.Core()
+    core = precisions.openvino_core()
     try:
         model = core.read_model(model_path)
     except Exception as err:  # OpenVINO's own errors (not an ONNX file)

@@ -28,6 +28,7 @@ import paddle.nn as nn  # noqa: E402
 
 from config import ConfigError, get_config  # noqa: E402
 from cvt import ConvolutionalVisionTransformer, build_cvt  # noqa: E402
+from paddle_internals import conv_geometry  # noqa: E402
 from utils import add_opts_argument, int_at_least  # noqa: E402
 
 
@@ -89,14 +90,11 @@ def _window_output(size: int, kernel: int, stride: int, pad: Tuple[int, int],
 
 
 def _conv_output_hw(conv: nn.Conv2D, hw: Tuple[int, int]) -> Tuple[int, int]:
-    if getattr(conv, '_padding_algorithm', 'EXPLICIT') != 'EXPLICIT':
-        raise ValueError(f'{conv.full_name()}: only explicit padding is counted, '
-                         f'not {conv._padding_algorithm}')
-    kernel = _pair(conv._kernel_size, 'kernel_size')
-    stride = _pair(conv._stride, 'stride')
-    dilation = _pair(conv._dilation, 'dilation')
-    pads = _padding_pairs(conv._updated_padding, conv.full_name())
-    return tuple(_window_output(hw[a], kernel[a], stride[a], pads[a], dilation[a]) for a in (0, 1))
+    g = conv_geometry(conv)
+    if not g.explicit_padding:
+        raise ValueError(f'{conv.full_name()}: only explicit padding is counted, not SAME or VALID')
+    kernel = conv.weight.shape[2:]
+    return tuple(_window_output(hw[a], kernel[a], g.stride[a], g.padding[a], g.dilation[a]) for a in (0, 1))
 
 
 def _conv_macs(conv: nn.Conv2D, out_hw: Tuple[int, int]) -> int:
@@ -163,7 +161,10 @@ def count_macs(model: ConvolutionalVisionTransformer,
 
 
 def build_for_counting(config) -> ConvolutionalVisionTransformer:
-    """The model of `config` with shapes only (no weights allocated)."""
+    """The model of `config` with shapes only (no weights allocated), its plain layers."""
+    config = config.clone()
+    config.defrost()
+    config.MODEL.LAYERS = 'plain'
     with paddle.LazyGuard():
         return build_cvt(config)
 

@@ -20,6 +20,7 @@ has no bfloat16 kernels for x86 CPUs, and Paddle Inference has no int8 path
 for the programs Paddle 3 exports (`UNSUPPORTED`).
 """
 
+import functools
 import importlib.metadata
 from dataclasses import dataclass
 from typing import FrozenSet, Optional
@@ -64,16 +65,26 @@ def isa_summary(flags: FrozenSet[str]) -> str:
     return ' '.join(present or ['none of AVX2, AVX-512']) + (f'; no {", ".join(absent)}' if absent else '')
 
 
+@functools.lru_cache(maxsize=None)
+def openvino_core() -> 'openvino.Core':
+    """The process's one OpenVINO Core, kept for its life. OpenVINO's CPU plugin gives
+    the calling thread a signal stack while it lives and hands it back when it ends;
+    with two Cores ending out of order the thread is left with a freed one, and the
+    next Python signal handler (Ctrl-C, SIGCHLD) crashes the process."""
+    import openvino
+    return openvino.Core()
+
+
 def runtime_formats(backend: str) -> FrozenSet[str]:
     """The formats `backend` computes at all on this CPU, native or not (OpenVINO says
     so in its CPU device's OPTIMIZATION_CAPABILITIES; Paddle's oneDNN bf16 needs
     AVX-512, which it emulates bf16 on)."""
     if backend == 'openvino':
         try:
-            import openvino
+            core = openvino_core()
         except ImportError:  # the runner stops with the install hint
             return frozenset({'fp32'})
-        capabilities = openvino.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
+        capabilities = core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
         return frozenset({'fp32'} | {fmt for fmt in ('bf16', 'int8') if fmt.upper() in capabilities})
     if backend == 'paddle':
         import paddle

@@ -4,7 +4,7 @@
  * bias, bias additions, residual additions, token/map transposes and bias
  * gradients (sums over rows or channels).
  *
- * Plain C with OpenMP, compiled at first use by cpu_kernels.py once per
+ * Plain C with OpenMP, compiled at first use by fast/build.py once per
  * instruction set (gcc -O3 -march=x86-64-v4 or -march=x86-64-v3), called
  * through ctypes on the tensors' own memory. Every array is contiguous,
  * row-major float32; the Python side checks that. NaN and infinity propagate as

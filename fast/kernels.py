@@ -1,265 +1,41 @@
-"""Multi-threaded CPU kernels (csrc/cpu_kernels.c) as differentiable Paddle ops.
+"""The CPU kernels (csrc/cpu_kernels.c, built by build.py) as differentiable Paddle ops.
 
 Paddle's CPU kernels for depthwise convolution, softmax, LayerNorm, BatchNorm,
-SiLU, broadcast bias additions, residual additions and bias gradients run on one thread, several times
-slower than the memory traffic allows, and its convolution runs a small GEMM per
-image; on a CvT they cost as much as all the matrix products.
-This module compiles the C file once per machine and instruction set (about
-two seconds; the library is cached under ``CVT_CACHE_DIR``, default
-``~/.cache/cvt-paddle``, created private; a cache folder or library that another
-user could have written is never loaded from: the kernels are then built in a
-fresh private folder), loads it with ctypes and wraps each kernel in a
-``PyLayer`` with its hand-written backward.
+SiLU, broadcast bias additions, residual additions, the token/map transpose and
+bias gradients run on one thread, several times slower than the memory traffic
+allows, and its convolution runs a small GEMM per image; on a CvT they cost as
+much as all the matrix products. Each op here calls the C kernel through ctypes
+on the tensors' own memory, wrapped in a ``PyLayer`` with its hand-written
+backward where a gradient is wanted, and called directly without one (then the
+ops told `overwrite` write into the caller's temporary: one pass less).
 
-Builds: ``avx512`` (``-march=x86-64-v4``) on CPUs with AVX-512 F/CD/BW/DQ/VL,
-``avx2`` (``-march=x86-64-v3``) on those with AVX2 and FMA; none elsewhere
-(other CPUs run Paddle's ops). ``CVT_CPU_ISA=avx2`` forces the AVX2 build on an
-AVX-512 CPU (to test it, or to emulate an AVX2 machine); ``CVT_CPU_KERNELS=0``
-turns the kernels off.
-
-`use(name, x)` says whether the fast paths take kernel `name` for tensor `x`:
-in dynamic mode, float32, on the CPU, with the library built, and only where
-that kernel measured faster than Paddle's own op on this instruction set
-(`FASTER_THAN_PADDLE`, from tools/benchmark_kernels.py; docs/speed.md). A
-failed build warns once and falls back to Paddle's ops; it never stops a run.
+`runs_on(x)` says where the kernels run: dynamic mode, float32 tensors on the CPU,
+with the library built. The ops the fast layers call on any tensor (`linear`,
+`add_bias`, `softmax`, `tokens_to_maps`) run Paddle's ops elsewhere (GPU, float16, no
+library); the others are called only where `runs_on` holds.
 """
 
-import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
 from typing import Optional, Sequence, Tuple
 
 import paddle
+import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
-import fileio
-from runtime import cpu_info, usable_cores
-
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'cpu_kernels.c')
-# -fno-trapping-math lets gcc turn the clamps in exp_approx into vector selects on
-# AVX2 (AVX-512 has mask registers for them); without it the exp loops of softmax
-# and SiLU stay scalar there, 3x slower than Paddle's ops. Values, NaN included,
-# are unchanged: only floating-point exception flags, which nothing reads, differ.
-# -ffp-contract=fast lets a multiply and an add become one FMA, which -std=c99 (ISO
-# C) otherwise forbids: the exp polynomials run 1.25-1.35x faster, and an FMA rounds
-# once instead of twice.
-_FLAGS = ['-O3', '-fno-trapping-math', '-ffp-contract=fast', '-fopenmp', '-fPIC', '-std=c99']
-ISA_FLAGS = {'avx512': '-march=x86-64-v4', 'avx2': '-march=x86-64-v3'}
-# the CPU flags (/proc/cpuinfo) each -march level needs
-_ISA_CPU_FLAGS = {
-    'avx512': frozenset({'avx512f', 'avx512cd', 'avx512bw', 'avx512dq', 'avx512vl',
-                         'avx2', 'fma', 'bmi1', 'bmi2', 'f16c', 'movbe'}),
-    'avx2': frozenset({'avx2', 'fma', 'bmi1', 'bmi2', 'f16c', 'movbe'}),
-}
-
-# The kernels measured faster than Paddle's op, per build (tools/benchmark_kernels.py
-# on CvT-13's shapes, forward + backward; figures in docs/speed.md).
-KERNELS = ('depthwise_conv', 'patch_conv', 'softmax', 'layer_norm', 'batch_norm', 'silu', 'bias', 'residual',
-           'transpose')
-FASTER_THAN_PADDLE = {
-    'avx512': frozenset(KERNELS),
-    'avx2': frozenset(KERNELS),
-}
-# Faster only with more than one thread: on one, Paddle's strided copy keeps up with the
-# token/map transpose on stage 1's shape (0.78-0.93x forward + backward; docs/speed.md)
-NEEDS_THREADS = frozenset({'transpose'})
+from fast import build
 
 FLOAT_BYTES = 4  # the kernels take float32 only
 
-_lock = threading.Lock()
-_library: Optional[ctypes.CDLL] = None
-_isa: Optional[str] = None  # the build loaded
-_threads = 1  # the kernels' thread count, set at load
-_load_attempted = False
 
-
-def native_isa() -> Optional[str]:
-    """The widest kernel build this CPU runs: 'avx512', 'avx2', or None."""
-    flags = cpu_info()[1]
-    for isa in ('avx512', 'avx2'):
-        if _ISA_CPU_FLAGS[isa] <= flags:
-            return isa
-    return None
-
-
-def selected_isa() -> Optional[str]:
-    """The build to use: `native_isa`, or CVT_CPU_ISA where the CPU runs it; None: no kernels.
-
-    Raises ValueError for a CVT_CPU_ISA that is unknown or that this CPU cannot run.
-    """
-    native = native_isa()
-    wanted = os.environ.get('CVT_CPU_ISA', '')
-    if not wanted:
-        return native
-    if wanted not in ISA_FLAGS:
-        raise ValueError(f'CVT_CPU_ISA={wanted!r}: expected one of {", ".join(ISA_FLAGS)}')
-    if native is None or (wanted == 'avx512' and native != 'avx512'):
-        raise ValueError(f'CVT_CPU_ISA={wanted}: this CPU has no {wanted} (its best: {native or "neither"})')
-    return wanted
-
-
-def _paddle_openmp() -> Optional[str]:
-    """Paddle's own Intel OpenMP runtime, so that the kernels share MKL's thread pool
-    instead of starting a second one (GNU OpenMP) that competes for the cores."""
-    path = os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libiomp5.so')
-    return path if os.path.isfile(path) else None
-
-
-def library_name(isa: str, compiler: str) -> str:
-    """The cached library's file name: a new one whenever the source, flags, compiler or
-    Paddle's OpenMP runtime change."""
-    with open(_SOURCE, 'rb') as source:
-        key = hashlib.sha256(source.read() + ' '.join(_FLAGS + [ISA_FLAGS[isa]]).encode()
-                             + compiler.encode() + str(_paddle_openmp()).encode())
-    return f'cpu_kernels-{isa}-{key.hexdigest()[:16]}.so'
-
-
-def _library_path(name: str) -> Tuple[str, Optional[str]]:
-    """Where the library `name` is (or is to be built) for this process, and the fresh
-    folder made for it (to remove once it is loaded), if any: the cache folder when
-    only this user can write it, else a fresh private folder (with one warning). A
-    library in the cache that others could have written is removed, not loaded."""
-    folder = fileio.cache_root()
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-    except OSError:
-        pass  # `untrusted_reason` reports it
-    reason = fileio.untrusted_reason(folder)
-    if reason is None:
-        path = os.path.join(folder, name)
-        if os.path.lexists(path) and fileio.untrusted_reason(path, is_folder=False) is not None:
-            os.remove(path)  # the folder is ours: build it again
-        return path, None
-    fresh = tempfile.mkdtemp(prefix='cvt-kernels-')  # 0700, an unpredictable name
-    warnings.warn(f'cpu_kernels: not using the cache: {reason}; building the kernels in a fresh private '
-                  f'folder (set CVT_CACHE_DIR to a folder that only you can write)')
-    return os.path.join(fresh, name), fresh
-
-
-def _compile(compiler: str, isa: str, output: str) -> None:
-    """Build the shared library at `output`, atomically (a temporary file, then a rename),
-    so that processes starting together never load a half-written file."""
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    handle, partial = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(output))
-    os.close(handle)
-    objects = partial[:-3] + '.o'
-    run = lambda *args: subprocess.run([compiler, *args], check=True, capture_output=True, text=True)
-    try:
-        run(*_FLAGS, ISA_FLAGS[isa], '-c', _SOURCE, '-o', objects)
-        iomp = _paddle_openmp()
-        try:
-            if iomp is None:
-                raise FileNotFoundError('libiomp5.so')
-            # Paddle's libiomp5 implements the GNU OpenMP entry points; -z defs makes
-            # a missing one a link error here rather than a load error later
-            run('-shared', objects, '-o', partial, iomp, '-Wl,-rpath,' + os.path.dirname(iomp),
-                '-Wl,-z,defs', '-lm')
-        except (OSError, subprocess.CalledProcessError):
-            run('-shared', '-fopenmp', objects, '-o', partial, '-lm')
-        os.chmod(partial, 0o700)  # writable by us alone, whatever the umask
-        os.replace(partial, output)
-    finally:
-        for leftover in (partial, objects):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-
-
-def _declare(library: ctypes.CDLL) -> None:
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    signatures = {
-        'cvt_set_threads': [ctypes.c_int],
-        'cvt_dwconv2d_forward': [ptr] * 5 + [i64] * 9,
-        'cvt_dwconv2d_backward': [ptr] * 5 + [i64] * 9,
-        'cvt_softmax_forward': [ptr] * 2 + [i64] * 2,
-        'cvt_softmax_backward': [ptr] * 3 + [i64] * 2,
-        'cvt_layer_norm_forward': [ptr] * 6 + [i64] * 2 + [ctypes.c_float],
-        'cvt_layer_norm_backward': [ptr] * 8 + [i64] * 2,
-        'cvt_channel_sum': [ptr] * 2 + [i64] * 3,
-        'cvt_add_bias': [ptr] * 3 + [i64] * 3,
-        'cvt_im2col': [ptr] * 2 + [i64] * 9,
-        'cvt_bias_silu_forward': [ptr] * 3 + [i64] * 2 + [ctypes.c_float],
-        'cvt_bias_silu_backward': [ptr] * 4 + [i64] * 2 + [ctypes.c_float],
-        'cvt_col2im': [ptr] * 2 + [i64] * 9,
-        'cvt_residual_add': [ptr] * 4 + [i64] * 2,
-        'cvt_transpose_batched': [ptr] * 2 + [i64] * 5,
-        'cvt_batch_norm_forward': [ptr] * 9 + [i64] * 3 + [ctypes.c_float] * 2,
-        'cvt_batch_norm_backward': [ptr] * 9 + [i64] * 3,
-        'cvt_fold_batch_norm': [ptr] * 5 + [ctypes.c_float] + [ptr] * 2 + [i64] * 2,
-    }
-    for name, argtypes in signatures.items():
-        function = getattr(library, name)
-        function.argtypes = argtypes
-        function.restype = None
-
-
-def load() -> Optional[ctypes.CDLL]:
-    """The compiled kernels, building them on first use; None where they cannot be had."""
-    global _library, _isa, _threads, _load_attempted
-    if _load_attempted:
-        return _library
-    with _lock:
-        if _load_attempted:
-            return _library
-        _load_attempted = True
-        if os.environ.get('CVT_CPU_KERNELS', '1') == '0' or not sys.platform.startswith('linux'):
-            return None
-        try:
-            isa = selected_isa()
-        except ValueError as error:
-            warnings.warn(f'cpu_kernels: {error}; using Paddle\'s CPU ops')
-            return None
-        if isa is None:
-            return None  # no build for this CPU: Paddle's ops
-        compiler = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
-        if compiler is None:
-            warnings.warn('cpu_kernels: no C compiler (cc) found; using Paddle\'s slower CPU ops')
-            return None
-        fresh = None
-        try:
-            output, fresh = _library_path(library_name(isa, compiler))
-            if not os.path.isfile(output):
-                _compile(compiler, isa, output)
-            library = ctypes.CDLL(output)
-            _declare(library)
-        except (OSError, subprocess.CalledProcessError) as error:
-            detail = getattr(error, 'stderr', '') or str(error)
-            warnings.warn(f'cpu_kernels: could not build {_SOURCE} ({detail.strip()[:300]}); '
-                          'using Paddle\'s slower CPU ops')
-            return None
-        finally:
-            if fresh is not None:
-                shutil.rmtree(fresh, ignore_errors=True)  # a loaded library needs no file
-        threads = int(os.environ.get('MKL_NUM_THREADS', usable_cores()))
-        library.cvt_set_threads(threads)
-        _library, _isa, _threads = library, isa, threads
-    return _library
-
-
-def active_build() -> Optional[str]:
-    """The kernel build in use ('avx512' or 'avx2'), or None (Paddle's ops)."""
-    return _isa if load() is not None else None
-
-
-def active(x: paddle.Tensor) -> bool:
-    """True where the kernels can run on `x`: dynamic mode, float32, CPU, library built."""
-    if not paddle.in_dynamic_mode() or x.dtype != paddle.float32:
+def runs_on(x: paddle.Tensor) -> bool:
+    """True where the kernels run on `x`: dynamic mode, float32, CPU, library built."""
+    if not paddle.in_dynamic_mode() or x.dtype != paddle.float32 or not x.place.is_cpu_place():
         return False
-    if not x.place.is_cpu_place():
-        return False
-    return load() is not None
+    return build.load() is not None
 
 
-def use(kernel: str, x: paddle.Tensor) -> bool:
-    """Whether the fast paths take `kernel` (one of KERNELS) for `x`: it can run
-    there and measured faster than Paddle's op on the loaded build (and thread count)."""
-    return (active(x) and kernel in FASTER_THAN_PADDLE[_isa]
-            and (kernel not in NEEDS_THREADS or _threads > 1))
+def _lib():
+    """The loaded library (the ops below are called only where `runs_on` holds)."""
+    return build.load()
 
 
 def _contiguous(x: paddle.Tensor) -> paddle.Tensor:
@@ -303,7 +79,7 @@ class _DepthwiseConv2D(PyLayer):
         needs_x, needs_weight = ctx.needs_grad
         dx = _empty(x.shape) if needs_x else None
         dweight = _empty(weight.shape) if needs_weight else None
-        load().cvt_dwconv2d_backward(_ptr(dy), _ptr(x), _ptr(weight), _ptr(dx), _ptr(dweight),
+        _lib().cvt_dwconv2d_backward(_ptr(dy), _ptr(x), _ptr(weight), _ptr(dx), _ptr(dweight),
                                      *ctx.geometry)
         return dx, dweight
 
@@ -315,7 +91,7 @@ def _dwconv_forward(x, weight, bias, lead, stride: int, padding: int):
     out_w = (width + 2 * padding - kernel) // stride + 1
     geometry = (batch, channels, height, width, kernel, stride, padding, out_h, out_w)
     y = _empty([batch, channels, out_h, out_w] if lead is None else [batch, channels, 1 + out_h * out_w])
-    load().cvt_dwconv2d_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(lead), _ptr(y), *geometry)
+    _lib().cvt_dwconv2d_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(lead), _ptr(y), *geometry)
     return y, geometry
 
 
@@ -354,7 +130,7 @@ class _Im2Col(PyLayer):
         out_w = (width + 2 * padding - kernel) // stride + 1
         ctx.geometry = (batch, channels, height, width, kernel, stride, padding, out_h, out_w)
         cols = _empty([batch * out_h * out_w, channels * kernel * kernel])
-        load().cvt_im2col(_ptr(x), _ptr(cols), *ctx.geometry)
+        _lib().cvt_im2col(_ptr(x), _ptr(cols), *ctx.geometry)
         return cols
 
     @staticmethod
@@ -362,7 +138,7 @@ class _Im2Col(PyLayer):
         batch, channels, height, width = ctx.geometry[:4]
         dx = _empty([batch, channels, height, width])
         dcols = _contiguous(dcols)
-        load().cvt_col2im(_ptr(dcols), _ptr(dx), *ctx.geometry)
+        _lib().cvt_col2im(_ptr(dcols), _ptr(dx), *ctx.geometry)
         return dx
 
 
@@ -380,12 +156,7 @@ def patch_conv(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Te
     out_w = (width + 2 * padding - kernel) // stride + 1
     cols = _Im2Col.apply(x, kernel, stride, padding)
     weight_t = weight.reshape([int(weight.shape[0]), -1]).transpose([1, 0])
-    if bias is None:
-        tokens = paddle.matmul(cols, weight_t)
-    elif paddle.is_grad_enabled() and not (weight.stop_gradient and bias.stop_gradient and x.stop_gradient):
-        tokens = linear(cols, weight_t, bias)
-    else:
-        tokens = paddle.addmm(bias.unsqueeze(0), cols, weight_t)
+    tokens = linear(cols, weight_t, bias)
     return tokens.reshape([batch, out_h * out_w, int(weight.shape[0])]), out_h, out_w
 
 
@@ -395,7 +166,7 @@ class _Softmax(PyLayer):
         x = _contiguous(x)
         y = _empty(x.shape)
         cols = int(x.shape[-1])
-        load().cvt_softmax_forward(_ptr(x), _ptr(y), int(x.size) // cols, cols)
+        _lib().cvt_softmax_forward(_ptr(x), _ptr(y), int(x.size) // cols, cols)
         ctx.save_for_backward(y)
         return y
 
@@ -405,7 +176,7 @@ class _Softmax(PyLayer):
         dy = _contiguous(dy)
         dx = _empty(y.shape)
         cols = int(y.shape[-1])
-        load().cvt_softmax_backward(_ptr(y), _ptr(dy), _ptr(dx), int(y.size) // cols, cols)
+        _lib().cvt_softmax_backward(_ptr(y), _ptr(dy), _ptr(dx), int(y.size) // cols, cols)
         return dx
 
 
@@ -417,11 +188,14 @@ def _reusable(x: paddle.Tensor, overwrite: bool) -> bool:
 
 
 def softmax(x: paddle.Tensor, overwrite: bool = False) -> paddle.Tensor:
-    """Softmax over the last axis. `overwrite`: `x` is a temporary the caller no
-    longer needs; without gradients the result goes into it (one pass less over memory)."""
+    """Softmax over the last axis (F.softmax where the kernels do not run). `overwrite`:
+    `x` is a temporary the caller no longer needs; without gradients the result goes
+    into it (one pass less over memory)."""
+    if not runs_on(x):
+        return F.softmax(x, axis=-1)
     if _reusable(x, overwrite):
         cols = int(x.shape[-1])
-        load().cvt_softmax_forward(_ptr(x), _ptr(x), int(x.size) // cols, cols)
+        _lib().cvt_softmax_forward(_ptr(x), _ptr(x), int(x.size) // cols, cols)
         return x
     return _Softmax.apply(x)
 
@@ -435,7 +209,7 @@ class _LayerNorm(PyLayer):
         rows = int(x.size) // cols
         y = _empty(x.shape)
         mean, rstd = _empty([rows]), _empty([rows])
-        load().cvt_layer_norm_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), _ptr(mean), _ptr(rstd),
+        _lib().cvt_layer_norm_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), _ptr(mean), _ptr(rstd),
                                       rows, cols, epsilon)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
@@ -446,7 +220,7 @@ class _LayerNorm(PyLayer):
         dy = _contiguous(dy)
         cols = int(x.shape[-1])
         dx, dweight, dbias = _empty(x.shape), _empty([cols]), _empty([cols])
-        load().cvt_layer_norm_backward(_ptr(dy), _ptr(x), _ptr(weight), _ptr(mean), _ptr(rstd),
+        _lib().cvt_layer_norm_backward(_ptr(dy), _ptr(x), _ptr(weight), _ptr(mean), _ptr(rstd),
                                        _ptr(dx), _ptr(dweight), _ptr(dbias), int(x.size) // cols, cols)
         return _only_needed(ctx.needs_grad, dx, dweight, dbias)
 
@@ -458,7 +232,7 @@ def layer_norm(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor, eps
         cols = int(x.shape[-1])
         y = _empty(x.shape)
         weight, bias = _contiguous(weight), _contiguous(bias)
-        load().cvt_layer_norm_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y),
+        _lib().cvt_layer_norm_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y),
                                       None, None, int(x.size) // cols, cols, epsilon)
         return y
     return _LayerNorm.apply(x, weight, bias, epsilon)
@@ -477,7 +251,7 @@ class _BiasSiLU(PyLayer):
         x, bias = _contiguous(x), _contiguous(bias)
         y = _empty(x.shape)
         cols = int(x.shape[-1])
-        load().cvt_bias_silu_forward(_ptr(x), _ptr(bias), _ptr(y), int(x.size) // cols, cols, slope)
+        _lib().cvt_bias_silu_forward(_ptr(x), _ptr(bias), _ptr(y), int(x.size) // cols, cols, slope)
         ctx.save_for_backward(x, bias)
         ctx.slope = slope
         return y
@@ -488,7 +262,7 @@ class _BiasSiLU(PyLayer):
         dz = _empty(x.shape)
         cols = int(x.shape[-1])
         dy = _contiguous(dy)
-        load().cvt_bias_silu_backward(_ptr(x), _ptr(bias), _ptr(dy), _ptr(dz),
+        _lib().cvt_bias_silu_backward(_ptr(x), _ptr(bias), _ptr(dy), _ptr(dz),
                                       int(x.size) // cols, cols, ctx.slope)
         return _only_needed(ctx.needs_grad, dz, channel_sum(dz, -1) if ctx.needs_grad[1] else None)
 
@@ -501,7 +275,7 @@ def bias_silu(x: paddle.Tensor, bias: paddle.Tensor, slope: float = 1.0, overwri
     if _reusable(x, overwrite) and (not paddle.is_grad_enabled() or bias.stop_gradient):
         cols = int(x.shape[-1])
         bias = _contiguous(bias)
-        load().cvt_bias_silu_forward(_ptr(x), _ptr(bias), _ptr(x), int(x.size) // cols, cols, slope)
+        _lib().cvt_bias_silu_forward(_ptr(x), _ptr(bias), _ptr(x), int(x.size) // cols, cols, slope)
         return x
     return _BiasSiLU.apply(x, bias, slope)
 
@@ -521,7 +295,7 @@ def channel_sum(x: paddle.Tensor, channels_axis: int) -> paddle.Tensor:
     x = _contiguous(x)
     outer, channels, inner = _around_axis(x.shape, channels_axis % len(x.shape))
     out = _empty([channels])
-    load().cvt_channel_sum(_ptr(x), _ptr(out), outer, channels, inner)
+    _lib().cvt_channel_sum(_ptr(x), _ptr(out), outer, channels, inner)
     return out
 
 
@@ -544,17 +318,31 @@ class _Linear(PyLayer):
         return dx, dweight, (channel_sum(dy, 1) if needs_bias else None)
 
 
-def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor) -> paddle.Tensor:
-    """``x @ weight + bias`` over the last axis: addmm forward (the bias inside the
-    GEMM) and a backward whose bias gradient is a threaded column sum."""
-    return _Linear.apply(x, weight, bias)
+def linear(x: paddle.Tensor, weight: paddle.Tensor, bias: Optional[paddle.Tensor]) -> paddle.Tensor:
+    """``x @ weight + bias`` over the last axis of a contiguous `x`. On the CPU the bias
+    goes into the GEMM (addmm: Paddle's F.linear adds it in a separate single-threaded
+    pass that costs as much as a small matmul); with a gradient, through the kernels,
+    its gradient is a threaded column sum."""
+    if bias is None or not x.place.is_cpu_place():
+        return F.linear(x, weight, bias)
+    if runs_on(x) and paddle.is_grad_enabled() and not all(t.stop_gradient for t in (x, weight, bias)):
+        return _Linear.apply(x, weight, bias)
+    rows = paddle.addmm(bias.unsqueeze(0), x.reshape([-1, x.shape[-1]]), weight)
+    return rows.reshape(list(x.shape[:-1]) + [weight.shape[1]])
+
+
+def linear_silu(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor, slope: float) -> paddle.Tensor:
+    """``z * sigmoid(slope * z)`` of ``z = x @ weight + bias`` (slope 1.702: QuickGELU): the
+    GEMM, then the bias and the activation in one threaded pass (`bias_silu`)."""
+    rows = paddle.matmul(x.reshape([-1, x.shape[-1]]), weight)
+    return bias_silu(rows, bias, slope, overwrite=True).reshape(list(x.shape[:-1]) + [weight.shape[1]])
 
 
 def _add_bias_forward(x: paddle.Tensor, bias: paddle.Tensor, axis: int, overwrite: bool = False) -> paddle.Tensor:
     x = _contiguous(x)
     y = x if overwrite else _empty(x.shape)
     bias = _contiguous(bias)
-    load().cvt_add_bias(_ptr(x), _ptr(bias), _ptr(y), *_around_axis(x.shape, axis))
+    _lib().cvt_add_bias(_ptr(x), _ptr(bias), _ptr(y), *_around_axis(x.shape, axis))
     return y
 
 
@@ -574,9 +362,12 @@ class _AddBias(PyLayer):
 def add_bias(x: paddle.Tensor, bias: paddle.Tensor, axis: int = -1, overwrite: bool = False) -> paddle.Tensor:
     """`x` plus a 1-D `bias` broadcast along `axis`, in one threaded pass (Paddle's
     broadcasting add is single-threaded); the bias gradient is a threaded sum.
-    `overwrite` as for `softmax`."""
+    `overwrite` as for `softmax`. Where the kernels do not run, the bias is broadcast
+    as (C, 1, ..): Paddle's CPU add is several times slower for a bias shaped (1, C, 1)."""
     axis %= len(x.shape)
     _check_bias(x, bias, axis)
+    if not runs_on(x):
+        return x + bias.reshape([-1] + [1] * (len(x.shape) - 1 - axis))
     if not paddle.is_grad_enabled() or (x.stop_gradient and bias.stop_gradient):
         return _add_bias_forward(x, bias, axis, _reusable(x, overwrite))
     return _AddBias.apply(x, bias, axis)
@@ -593,7 +384,7 @@ def _sample_factors(scale: Optional[paddle.Tensor], batch: int) -> Optional[padd
 def _residual_forward(x: Optional[paddle.Tensor], branch: paddle.Tensor, factors: Optional[paddle.Tensor],
                       out: paddle.Tensor) -> paddle.Tensor:
     batch = int(branch.shape[0])
-    load().cvt_residual_add(_ptr(x), _ptr(branch), _ptr(factors), _ptr(out), batch, int(branch.size) // batch)
+    _lib().cvt_residual_add(_ptr(x), _ptr(branch), _ptr(factors), _ptr(out), batch, int(branch.size) // batch)
     return out
 
 
@@ -634,7 +425,7 @@ def residual_add(x: paddle.Tensor, branch: paddle.Tensor, scale: Optional[paddle
 
 def _transpose(src: int, dst: int, batch: int, rows: int, cols: int, src_stride: int, dst_stride: int) -> None:
     """dst[b, j, i] = src[b, i, j] for the (rows, cols) matrix of each batch (addresses, float strides)."""
-    load().cvt_transpose_batched(src, dst, batch, rows, cols, src_stride, dst_stride)
+    _lib().cvt_transpose_batched(src, dst, batch, rows, cols, src_stride, dst_stride)
 
 
 def _tokens_to_maps_forward(x: paddle.Tensor, lead: int):
@@ -682,6 +473,10 @@ def tokens_to_maps(x: paddle.Tensor, height: int, width: int,
         raise ValueError(f'tokens_to_maps: tokens shaped {list(x.shape)} for {lead} lead tokens '
                          f'and a {height}x{width} map; expected (B, {lead + height * width}, C)')
     batch, channels = int(x.shape[0]), int(x.shape[2])
+    if not runs_on(x):
+        leading, tokens = paddle.split(x, [lead, height * width], axis=1) if lead else (None, x)
+        maps = tokens.transpose([0, 2, 1]).reshape([batch, channels, height, width])
+        return maps.contiguous(), (None if leading is None else leading.transpose([0, 2, 1]))
     if not paddle.is_grad_enabled() or x.stop_gradient:
         maps, leading = _tokens_to_maps_forward(_contiguous(x), lead)
     elif lead:
@@ -703,7 +498,7 @@ def fold_batch_norm(weight: paddle.Tensor, gamma: paddle.Tensor, beta: paddle.Te
                          f'for a weight of {channels} output channels')
     folded_weight, folded_bias = _empty(weight.shape), _empty([channels])
     inputs = [_contiguous(t) for t in (weight, gamma, beta, mean, variance)]  # alive through the call
-    load().cvt_fold_batch_norm(*(_ptr(t) for t in inputs), epsilon,
+    _lib().cvt_fold_batch_norm(*(_ptr(t) for t in inputs), epsilon,
                                _ptr(folded_weight), _ptr(folded_bias), channels, int(weight.size) // channels)
     return folded_weight, folded_bias
 
@@ -717,7 +512,7 @@ class _BatchNorm(PyLayer):
         length = int(x.size) // (batch * channels)
         y = _empty([batch, channels, length + (0 if lead is None else 1)])
         mean, rstd = _empty([channels]), _empty([channels])
-        load().cvt_batch_norm_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(lead), _ptr(y), _ptr(mean),
+        _lib().cvt_batch_norm_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(lead), _ptr(y), _ptr(mean),
                                       _ptr(rstd), _ptr(running_mean), _ptr(running_variance),
                                       batch, channels, length, momentum, epsilon)
         ctx.with_lead = lead is not None
@@ -731,7 +526,7 @@ class _BatchNorm(PyLayer):
         dx, dweight, dbias = _empty(x.shape), _empty([channels]), _empty([channels])
         dlead = _empty([batch, channels, 1]) if ctx.with_lead else None
         dy = _contiguous(dy)
-        load().cvt_batch_norm_backward(_ptr(dy), _ptr(x), _ptr(weight), _ptr(mean), _ptr(rstd),
+        _lib().cvt_batch_norm_backward(_ptr(dy), _ptr(x), _ptr(weight), _ptr(mean), _ptr(rstd),
                                        _ptr(dx), _ptr(dweight), _ptr(dbias), _ptr(dlead),
                                        batch, channels, int(x.size) // (batch * channels))
         grads = (dx, dweight, dbias) + ((dlead,) if ctx.with_lead else ())

@@ -7,7 +7,7 @@ and decode + paddle.vision's plain RandomResizedCrop, flip, ColorJitter,
 ToTensor and Normalize for comparison. Each figure is the best of -repeats
 runs over -images images.
 
-    python tools/benchmark_transforms.py -images 200 -repeats 3
+    python benchmarks/data_pipeline.py -images 200 -repeats 3
 
 Synthetic photo-like 500x375 JPEGs (quality 90) are made from a seed; pass
 -folder to time real images (every *.JPEG / *.jpg under it) instead.

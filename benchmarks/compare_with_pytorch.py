@@ -1,14 +1,15 @@
 """This project's CvT against transformers' CvT on PyTorch, side by side in one run.
 
-    python tools/benchmark_compare.py                         # CvT-13, infer and train, 1 thread and all cores
-    python tools/benchmark_compare.py -model 21 -rounds 5
-    python tools/benchmark_compare.py -isa avx2               # both sides as on an AVX2-only CPU
-    python tools/benchmark_compare.py -modes deploy           # exported: ours as tools/infer.py runs it,
+    python benchmarks/compare_with_pytorch.py                         # CvT-13, infer and train, 1 thread and all cores
+    python benchmarks/compare_with_pytorch.py -model 21 -rounds 5
+    python benchmarks/compare_with_pytorch.py -isa avx2               # both sides as on an AVX2-only CPU
+    python benchmarks/compare_with_pytorch.py -modes deploy           # exported: ours as tools/infer.py runs it,
                                                               # theirs in ONNX Runtime (-deploy_reference)
-    python tools/benchmark_compare.py -precision bf16         # ours deployed in bf16 and int8, theirs
+    python benchmarks/compare_with_pytorch.py -precision bf16         # ours deployed in bf16 and int8, theirs
                                                               # under PyTorch autocast(bfloat16)
 
-Runs tools/benchmark.py and tools/benchmark_torch.py alternately, each in its
+A development benchmark: the figures of docs/speed.md. Runs tools/benchmark.py
+and benchmarks/pytorch_cvt.py alternately, each in its
 own process (so neither inherits the other's threads or allocator), for
 `-rounds` rounds of every mode and thread count, and prints the median
 throughput of each side, their ratio, and each side's gain from 1 thread to
@@ -16,7 +17,7 @@ all cores (work that does not spread over cores shows there, even on 2).
 Alternating spreads the machine's drift (other load, clock changes) over both
 sides. Mode ``deploy`` compares tools/benchmark.py -mode deploy (what
 tools/infer.py runs by default: OpenVINO where installed) with transformers'
-CvT exported to ONNX and run by ONNX Runtime (benchmark_torch.py -mode onnx),
+CvT exported to ONNX and run by ONNX Runtime (pytorch_cvt.py -mode onnx),
 or by OpenVINO with ``-deploy_reference openvino``; it needs
 requirements-deploy.txt.
 ``-precision bf16`` compares the low-precision paths on a CPU with native
@@ -44,15 +45,14 @@ import subprocess
 import sys
 from typing import Dict, List
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TOOLS)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from runtime import cpu_info, cpu_model, usable_cores  # noqa: E402  (no Paddle: this process only starts others)
 from tools.precision import isa_summary, native_formats, native_instructions  # noqa: E402
 from utils import int_at_least, thread_count  # noqa: E402
 
-# benchmark_torch.py's counterpart of each benchmark.py mode
+# pytorch_cvt.py's counterpart of each benchmark.py mode
 TORCH_MODES = {'infer': 'infer', 'train': 'train', 'deploy': 'onnx'}
 MODELS = {'13': ('configs/cvt-13-224x224.yaml', ['1', '2', '10']),
           '21': ('configs/cvt-21-224x224.yaml', ['1', '4', '16'])}
@@ -99,10 +99,10 @@ def compare_low_precision(args: argparse.Namespace, cfg: str, depth: List[str], 
     for _ in range(args.rounds):
         for threads in thread_counts:
             for precision in ours:
-                command = [sys.executable, os.path.join(TOOLS, 'benchmark.py'), '-cfg', cfg, *steps,
+                command = [sys.executable, os.path.join(ROOT, 'tools', 'benchmark.py'), '-cfg', cfg, *steps,
                            '-mode', 'deploy', '-precision', precision, '-threads', str(threads)]
                 rates.setdefault((precision, threads), []).append(throughput(command, {}, precision))
-            command = [sys.executable, os.path.join(TOOLS, 'benchmark_torch.py'), '-depth', *depth, *steps,
+            command = [sys.executable, os.path.join(ROOT, 'benchmarks', 'pytorch_cvt.py'), '-depth', *depth, *steps,
                        '-mode', 'infer', '-precision', 'bf16', '-threads', str(threads)]
             rates.setdefault(('torch', threads), []).append(throughput(command, {}))
     print(f'CvT-{args.model}, batch {args.batch_size}, 224px, CPU {cpu}, median of {args.rounds} alternating '
@@ -159,9 +159,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for mode in args.modes:
             for threads in thread_counts:
-                ours = [sys.executable, os.path.join(TOOLS, 'benchmark.py'), '-cfg', cfg, *steps,
+                ours = [sys.executable, os.path.join(ROOT, 'tools', 'benchmark.py'), '-cfg', cfg, *steps,
                         '-mode', mode, '-threads', str(threads)]
-                theirs = [sys.executable, os.path.join(TOOLS, 'benchmark_torch.py'), '-depth', *depth,
+                theirs = [sys.executable, os.path.join(ROOT, 'benchmarks', 'pytorch_cvt.py'), '-depth', *depth,
                           *steps, '-mode', torch_modes[mode], '-threads', str(threads)]
                 rates.setdefault(('paddle', mode, threads), []).append(throughput(ours, paddle_env))
                 rates.setdefault(('torch', mode, threads), []).append(throughput(theirs, torch_env))

@@ -6,17 +6,17 @@ from ``CvtConfig`` with the microsoft/cvt-13 (or -21) architecture, randomly
 initialised, nothing downloaded. Modes and output match ``tools/benchmark.py``
 so the two can be run back to back:
 
-    python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode infer
-    python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode train -threads 1
-    python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode onnx
-    python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode openvino
-    python tools/benchmark_torch.py -depth 1 2 10 -batch_size 16 -mode infer -precision bf16
+    python benchmarks/pytorch_cvt.py -depth 1 2 10 -batch_size 16 -mode infer
+    python benchmarks/pytorch_cvt.py -depth 1 2 10 -batch_size 16 -mode train -threads 1
+    python benchmarks/pytorch_cvt.py -depth 1 2 10 -batch_size 16 -mode onnx
+    python benchmarks/pytorch_cvt.py -depth 1 2 10 -batch_size 16 -mode openvino
+    python benchmarks/pytorch_cvt.py -depth 1 2 10 -batch_size 16 -mode infer -precision bf16
 
 PyTorch keeps its own default threading (one intra-op thread per core) and the
 project's runtime set-up is not used, so this measures PyTorch as users get it;
 ``-threads N`` pins the process to N cores and sets PyTorch's thread count.
 Set ATEN_CPU_CAPABILITY=avx2 (and ONEDNN_MAX_CPU_ISA=AVX2) before it starts to
-run PyTorch's AVX2 code on an AVX-512 CPU (tools/benchmark_compare.py -isa avx2).
+run PyTorch's AVX2 code on an AVX-512 CPU (benchmarks/compare_with_pytorch.py -isa avx2).
 ``onnx`` is the model exported by ``torch.onnx.export`` (opset 17, dynamic
 batch; in the set-up, not timed) and run by ONNX Runtime on the CPU with the
 settings of ``tools/infer.py -backend onnxruntime``: one intra-op thread per
@@ -28,7 +28,7 @@ core); the counterpart of
 ``tools/benchmark.py -mode deploy`` where OpenVINO is installed.
 ``-precision bf16`` runs ``infer`` and ``train`` under ``torch.autocast('cpu',
 dtype=torch.bfloat16)``, as PyTorch users reach for bfloat16 on the CPU
-(tools/benchmark_compare.py -precision bf16).
+(benchmarks/compare_with_pytorch.py -precision bf16).
 """
 
 import argparse
