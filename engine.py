@@ -276,14 +276,15 @@ class StepSums:
 
     def after_update(self, scaler: paddle.amp.GradScaler) -> None:
         if scaler.is_enable():  # one more skipped update in a row, or none
-            found_inf = scaler._found_inf.astype('float64').reshape([1])  # Paddle keeps it on the device
+            found_inf = paddle_internals.overflow_found(scaler).astype('float64').reshape([1])
             self.skipped_run = (self.skipped_run + 1) * found_inf
 
     def read(self, trainer, stop_code: int) -> Dict[str, float]:
         """The sums over every process (one read-back and, with several, one all-reduce),
         the loss scale, and the stop code any process asked for; then start afresh."""
-        scale = trainer.scaler._scale.astype('float64').reshape([1]) if trainer.scaler.is_enable() \
-            else paddle.ones([1], dtype='float64')
+        scaler = trainer.scaler
+        scale = (paddle_internals.loss_scale(scaler).astype('float64').reshape([1]) if scaler.is_enable()
+                 else paddle.ones([1], dtype='float64'))
         stops = paddle.to_tensor([float(self.images), float(stop_code == 143), float(stop_code == 130)],
                                  dtype='float64')
         values = paddle.concat([self.sums, stops, scale, self.skipped_run])

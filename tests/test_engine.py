@@ -310,3 +310,20 @@ def test_a_collapsed_float16_loss_scale_stops_the_run(data_path, tmp_path):
     for window in ({**healthy, 'scale': 0.5}, {**healthy, 'skipped': engine.MAX_SKIPPED_STEPS}):
         with pytest.raises(NonFiniteLossError, match='float16 overflows every step: the loss scale is'):
             engine._check_window(trainer, window, 1, 0, 2, 5)
+
+
+def test_step_sums_count_the_run_of_skipped_float16_updates_and_read_the_scale_on_the_device():
+    """The float16 scaler's state as Paddle keeps it on the device (paddle_internals:
+    `_found_inf`, `_scale`), stood in on the CPU, where Paddle enables no scaler."""
+    scaler = type('Float16Scaler', (), {'is_enable': lambda self: True})()
+    scaler._scale = paddle.to_tensor([2048.0])
+    trainer = type('Trainer', (), {'scaler': scaler, 'world_size': 1})()
+    sums = engine.StepSums()
+    for overflowed in (True, True, False, True, True, True):
+        scaler._found_inf = paddle.to_tensor(overflowed)
+        sums.add(paddle.to_tensor(2.0), paddle.to_tensor([[0.1, 0.9]]), paddle.to_tensor([1]),
+                 paddle.to_tensor([-1]))
+        sums.after_update(scaler)
+    read = sums.read(trainer, stop_code=0)
+    assert read['skipped'] == 3 and read['scale'] == 2048.0  # the run since the last good update
+    assert read['images'] == 6 and read['loss_sum'] == 12.0 and read['correct'] == 6

@@ -1,15 +1,73 @@
-"""The GPU paths that a CPU can check with the GPU stood in: TensorRT's engine cache in
-tools/infer.py. (No Paddle GPU build runs here; docs/gpu.md says what was verified where.)"""
+"""The GPU paths that a CPU can check with the GPU stood in: where the attention runs
+flash attention, and TensorRT's engine cache in tools/infer.py. (No Paddle GPU build runs here; docs/gpu.md says what was verified where.)"""
 
 import os
 import sys
 import types
 
+import numpy as np
 import paddle
+import paddle.nn.functional as F
 import pytest
 
+import fast
+from fast import layers as fast_layers
+from test_fast_layers import plain_copy, small_model
 from tools import infer
 from tools.export_model import MODEL_PREFIX
+
+
+class GpuPlace:
+    """A place as Paddle gives a CUDA tensor's: `x.place`."""
+    def is_gpu_place(self):
+        return True
+
+    def gpu_device_id(self):
+        return 0
+
+
+@pytest.mark.parametrize('on_gpu, dtype, capability, head_dim, runs', [
+    (True, 'float16', (8, 0), 64, True),     # A100
+    (True, 'bfloat16', (9, 0), 64, True),    # H100
+    (True, 'float16', (8, 9), 256, True),    # L4, the largest head FlashAttention-2 takes
+    (True, 'float16', (7, 0), 64, False),    # V100: no FlashAttention-2
+    (True, 'float16', (7, 5), 64, False),    # T4
+    (True, None, (9, 0), 64, False),         # float32: no autocast
+    (True, 'float16', (9, 0), 264, False),   # heads too wide
+    (True, 'float16', (9, 0), 60, False),    # not a multiple of 8
+    (False, 'bfloat16', None, 64, False),    # the CPU
+])
+def test_flash_attention_runs_where_flashattention_2_does(monkeypatch, on_gpu, dtype, capability, head_dim, runs):
+    monkeypatch.setattr(fast_layers, 'gpu_capability', lambda device_id: capability)
+    place = GpuPlace() if on_gpu else paddle.zeros([1]).place  # a tensor's place, as the layer reads it
+    assert fast_layers.flash_attention_runs(place, dtype, head_dim) is runs
+
+
+def test_the_flash_path_computes_the_plain_attention_with_dropout_in_training_only(monkeypatch):
+    """The fast attention taken through F.scaled_dot_product_attention as on a GPU (here
+    in float32 on the CPU): the logits of the plain model, and attention dropout passed
+    to the kernel in training only (Paddle 2.6's function does not pass `training` on)."""
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def recording(q, k, v, dropout_p=0.0, training=True, **kwargs):
+        calls.append((dropout_p, training))
+        return real(q, k, v, dropout_p=0.0, training=training, **kwargs)
+
+    monkeypatch.setattr(fast_layers, 'flash_attention_runs', lambda place, dtype, head_dim: True)
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', recording)
+    model = small_model(ATTN_DROP_RATE=[0.1, 0.1, 0.1])
+    plain = plain_copy(model)
+    images = paddle.randn([2, 3, 64, 64])
+    model.eval(), plain.eval()
+    with paddle.no_grad():
+        np.testing.assert_allclose(model(images).numpy(), plain(images).numpy(), atol=1e-4, rtol=0)
+    blocks = sum(len(stage.blocks) for stage in model.stages)
+    assert calls == [(0.0, False)] * blocks
+    calls.clear()
+    model.train()
+    model(images)
+    assert calls == [(0.1, True)] * blocks
 
 
 @pytest.fixture
