@@ -574,15 +574,20 @@ def restore(trainer, checkpoint: Checkpoint, last_epoch: int = 0) -> ResumePoint
 
 # ------------------------------------------------------------------ the training loop's calls
 
-def after_optimizer_step(trainer, epoch: int, step: int, meters: Dict[str, AverageMeter]) -> None:
-    """Called by every process after each optimizer step (`step` of epoch `epoch`,
-    both from 1): writes the mid-epoch checkpoint every SAVE_STEP_FREQ steps, and
-    when a stop signal came to any process, writes it and raises TrainingStopped
-    in all of them at this same step."""
-    stop_code = trainer.stop.agreed_code(trainer.world_size) if trainer.stop is not None else 0
+def step_checkpoint_due(trainer, epoch: int, step: int) -> bool:
+    """Whether a mid-epoch checkpoint is due after optimizer step `step` of epoch `epoch`."""
     every = trainer.config.SAVE_STEP_FREQ
     global_step = (epoch - 1) * trainer.steps_per_epoch + step
-    due = every > 0 and global_step % every == 0 and step < trainer.steps_per_epoch
+    return every > 0 and global_step % every == 0 and step < trainer.steps_per_epoch
+
+
+def after_optimizer_step(trainer, epoch: int, step: int, meters: Dict[str, AverageMeter], stop_code: int) -> None:
+    """Called by every process after the optimizer steps at which the training figures
+    are read back (`step` of epoch `epoch`, both from 1; `meters` up to date): writes the
+    mid-epoch checkpoint every SAVE_STEP_FREQ steps and, when `stop_code` (the stop signal
+    that any process got, agreed on at the read-back) is set, writes it and raises
+    TrainingStopped in all of them at this same step."""
+    due = step_checkpoint_due(trainer, epoch, step)
     if not (due or stop_code):
         return
     path = save_step_checkpoint(trainer, epoch, step, meters)

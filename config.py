@@ -24,13 +24,13 @@ _C.BASE = ['']
 # data settings
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 8  # per process
-_C.DATA.BATCH_SIZE_EVAL = 8  # per process
+_C.DATA.BATCH_SIZE_EVAL = 64  # per process; a GPU's batch (inference keeps no activations)
 _C.DATA.DATA_PATH = '/dataset/imagenet/'
 _C.DATA.DATASET = 'imagenet2012'  # imagenet2012, cifar10 or cifar100
 _C.DATA.IMAGE_SIZE = 224
 _C.DATA.CROP_PCT = 0.875  # eval: resize short side to IMAGE_SIZE / CROP_PCT, centre crop
 _C.DATA.INTERPOLATION = 'bicubic'
-_C.DATA.NUM_WORKERS = 4
+_C.DATA.NUM_WORKERS = -1  # loader processes per training process; -1: by the cores and device (datasets.py)
 _C.DATA.ALLOW_OUTSIDE_PATHS = False  # list files may name images outside DATA_PATH (absolute, ../)
 _C.DATA.IMAGENET_MEAN = [0.485, 0.456, 0.406]
 _C.DATA.IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -135,12 +135,13 @@ _C.SAVE_FREQ = 1  # epochs between checkpoints
 _C.SAVE_STEP_FREQ = 0  # optimizer steps between mid-epoch checkpoints (each replaces the last); 0: none
 _C.SAVE_SAFETENSORS = False  # also write each checkpoint's weights as .safetensors (no pickle)
 _C.KEEP_CHECKPOINTS = 0  # epoch checkpoints kept, the newest (besides <TYPE>-best.pdparams); 0: all
-_C.REPORT_FREQ = 50  # steps between log lines
+_C.REPORT_FREQ = 50  # optimizer steps between log lines (and reads of the figures from the device)
 _C.VALIDATE_FREQ = 10  # epochs between validations
 _C.SEED = 0
 _C.EVAL = False  # evaluate only
 _C.OVERWRITE = False  # -overwrite: a new run replaces the training run already in SAVE
-_C.AMP = False  # mixed precision training
+_C.AMP = False  # mixed precision (autocast) on a GPU, in training and validation
+_C.AMP_DTYPE = 'auto'  # float16, bfloat16, or auto: bfloat16 on GPUs that have it (sm80 and newer), else float16
 _C.VISUALDL = False  # write scalars to <SAVE>/vdl for VisualDL (pip install visualdl)
 _C.LOCAL_RANK = 0
 _C.NGPUS = -1
@@ -371,7 +372,7 @@ def smallest_image_size(model: CN) -> int:
 # check when it is None; per-stage and list keys check every entry.
 RANGES = (
     ('DATA.BATCH_SIZE', 1, None), ('DATA.BATCH_SIZE_EVAL', 1, None), ('DATA.IMAGE_SIZE', 1, None),
-    ('DATA.CROP_PCT', (0,), 1), ('DATA.NUM_WORKERS', 0, None), ('DATA.IMAGENET_STD', (0,), None),
+    ('DATA.CROP_PCT', (0,), 1), ('DATA.NUM_WORKERS', -1, None), ('DATA.IMAGENET_STD', (0,), None),
     ('MODEL.NUM_CLASSES', 0, None),
     ('MODEL.PATCH_SIZE', 1, None), ('MODEL.PATCH_STRIDE', 1, None), ('MODEL.PATCH_PADDING', 0, None),
     ('MODEL.DIM_EMBED', 1, None), ('MODEL.NUM_HEADS', 1, None), ('MODEL.DEPTH', 1, None),
@@ -396,6 +397,7 @@ CHOICES = (
     ('TRAIN.RANDOM_ERASE_MODE', ('const', 'rand', 'pixel')),
     ('TRAIN.DISTILLATION_TYPE', ('none', 'soft', 'hard')),
     ('TRAIN.CROP_MODE', ('random_resized', 'resize_random')),
+    ('AMP_DTYPE', ('float16', 'bfloat16', 'auto')),
     ('MODEL.LAYERS', LAYERS),
 )
 
@@ -472,8 +474,7 @@ def update_config(config, args):
     if arg('last_epoch') is not None:
         config.TRAIN.LAST_EPOCH = args.last_epoch
     if arg('amp'):
-        # mixed precision is a training option; evaluation runs in float32
-        config.AMP = not config.EVAL
+        config.AMP = True
     if arg('visualdl'):
         config.VISUALDL = True
     if arg('overwrite'):

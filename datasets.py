@@ -52,20 +52,23 @@ CIFAR_ARCHIVES = {
 MAX_CONSECUTIVE_BAD = 100
 
 SampleKey = Union[int, Tuple[int, int]]
-# (image CHW float32, label, index of the sample's unreadable file or READ)
-Sample = Tuple[np.ndarray, int, int]
+# (image CHW uint8, label, index of the sample's unreadable file or READ, rectangles to erase)
+Sample = Tuple[np.ndarray, int, int, np.ndarray]
 READ = -1
+NO_BOXES = np.zeros((1, 4), dtype=np.int32)  # (top, left, height, width): none
 
 _warned_files: Set[str] = set()
 
 
 def get_train_transforms(config) -> Callable:
-    """Training augmentation of the recipe: PIL image -> float32 CHW array."""
+    """Training augmentation of the recipe: PIL image -> (uint8 CHW array, rectangles to
+    erase); the engine finishes the batch on its device (transforms.DeviceFinish)."""
     return build_train_transforms(config)
 
 
 def get_val_transforms(config) -> Callable:
-    """Evaluation preprocessing: PIL image -> float32 CHW array."""
+    """Evaluation preprocessing for the tools: PIL image -> normalised float32 CHW array.
+    (The val loader's images stay uint8 until DeviceFinish.)"""
     return build_val_transforms(config)
 
 
@@ -116,10 +119,12 @@ class AugmentedDataset(paddle.io.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f'sample index {index} out of range for {len(self)} samples')
         image, used = self.load_readable(index)
-        rng = np.random.default_rng([self.seed, int(epoch), index if used is None else used])
+        read = used == index
         if used is None:  # left out: a placeholder of the transform's output shape
-            return self.transform(Image.new('RGB', (8, 8)), rng), self.labels[index], index
-        return self.transform(image, rng), self.labels[used], READ if used == index else index
+            image, used = Image.new('RGB', (8, 8)), index
+        out = self.transform(image, np.random.default_rng([self.seed, int(epoch), used]))
+        array, boxes = out if isinstance(out, tuple) else (out, NO_BOXES)
+        return array, self.labels[used], READ if read else index, boxes
 
     def load_readable(self, index: int) -> Tuple[Optional[Image.Image], Optional[int]]:
         """Sample `index`'s image, or the one that stands in for it: (image, its index);
@@ -309,7 +314,7 @@ def get_dataset(config, mode: str) -> AugmentedDataset:
         raise ValueError(f'DATA.DATASET = {name!r} is not one of {", ".join(DATASETS)}')
     if not os.path.isdir(data_path):
         raise FileNotFoundError(f'{data_path}: DATA.DATA_PATH folder not found')
-    transform = get_train_transforms(config) if mode == 'train' else get_val_transforms(config)
+    transform = get_train_transforms(config) if mode == 'train' else build_val_transforms(config, on_device=True)
     if name in CIFAR_ARCHIVES:
         images, labels, classes = read_cifar(data_path, name, mode)
         return ArrayDataset(images, labels, classes, transform, config.SEED)
@@ -362,17 +367,43 @@ class EpochBatchSampler(paddle.io.DistributedBatchSampler):
         return size // self.batch_size if self.drop_last else math.ceil(size / self.batch_size)
 
 
-def collate(samples: Sequence[Sample]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Batch arrays: images, labels, and for each sample the index of its unreadable file
-    or READ. (Always one entry per sample: Paddle's loader workers cannot send empty arrays.)"""
-    images, labels, unreadable = zip(*samples)
-    return np.stack(images), np.asarray(labels, dtype=np.int64), np.asarray(unreadable, dtype=np.int64)
+def collate(samples: Sequence[Sample]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Batch arrays: uint8 images, labels, for each sample the index of its unreadable file or
+    READ, and the rectangles to erase. (Always one entry per sample: Paddle's loader workers
+    cannot send empty arrays.)"""
+    images, labels, unreadable, boxes = zip(*samples)
+    return (np.stack(images), np.asarray(labels, dtype=np.int64), np.asarray(unreadable, dtype=np.int64),
+            np.stack(boxes))
+
+
+AUTO_WORKERS = -1  # DATA.NUM_WORKERS: `default_workers`
+MAX_AUTO_WORKERS = 8
+
+
+def local_processes(world_size: int) -> int:
+    """The training processes on this machine: paddle.distributed.launch says so
+    (PADDLE_LOCAL_SIZE); main_multi_gpu.py's processes are all on one machine."""
+    return int(os.environ.get('PADDLE_LOCAL_SIZE') or world_size)
+
+
+def default_workers(processes: int, on_gpu: bool) -> int:
+    """Loader workers per training process for DATA.NUM_WORKERS -1: with a GPU, the process's
+    share of the cores less one for itself (up to 8), which keeps up with a GPU's appetite;
+    on the CPU, whose cores compute the model, one worker overlaps the decoding with it
+    (none on a single core)."""
+    from runtime import usable_cores
+    cores = usable_cores() // max(1, processes)
+    if on_gpu:
+        return max(1, min(MAX_AUTO_WORKERS, cores - 1))
+    return 1 if cores >= 2 else 0
 
 
 def get_dataloader(config, dataset: AugmentedDataset, mode: str, multi_process: bool) -> paddle.io.DataLoader:
-    """Loader of (images float32 [B, 3, H, W], labels int64 [B], unreadable int64 [B]) batches;
-    `unreadable` is READ (-1) where the sample's file was read, else its dataset index: in
-    training another sample stands in for it, in evaluation it is a placeholder to leave out.
+    """Loader of (images uint8 [B, 3, H, W], labels int64 [B], unreadable int64 [B], rectangles
+    to erase int32 [B, K, 4]) batches, which transforms.DeviceFinish turns into normalised
+    float32 images on the batch's device; `unreadable` is READ (-1) where the sample's file
+    was read, else its dataset index: in training another sample stands in for it, in
+    evaluation it is a placeholder to leave out.
 
     train: DATA.BATCH_SIZE, shuffled from (SEED, epoch), last incomplete batch
     dropped; with multi_process each process gets an equal (padded) share.
@@ -380,7 +411,7 @@ def get_dataloader(config, dataset: AugmentedDataset, mode: str, multi_process: 
     shards are NOT padded (process r gets samples r, r + world, ...), so every
     sample is evaluated exactly once overall but processes may run one batch
     fewer than others: gather results after the loop, not per batch.
-    Workers (DATA.NUM_WORKERS) persist across epochs and ignore stop signals
+    Workers (DATA.NUM_WORKERS; -1: `default_workers`) persist across epochs and ignore stop signals
     (SIGTERM, SIGINT: the training process handles them); call
     ``set_epoch(loader, epoch)`` before each epoch.
     """
@@ -398,8 +429,8 @@ def get_dataloader(config, dataset: AugmentedDataset, mode: str, multi_process: 
     sampler = EpochBatchSampler(dataset, batch_size, num_replicas, rank, shuffle=training,
                                 drop_last=training, pad=training, seed=config.SEED)
     workers = config.DATA.NUM_WORKERS
-    if workers < 0:
-        raise ValueError(f'DATA.NUM_WORKERS must be >= 0, got {workers}')
+    if workers == AUTO_WORKERS:
+        workers = default_workers(local_processes(num_replicas), paddle.get_device().startswith('gpu'))
     return paddle.io.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                 collate_fn=collate,
                                 persistent_workers=workers > 0, return_list=True,

@@ -41,12 +41,35 @@ import paddle_internals
 import preemption
 import reporting
 from config import get_config
+from transforms import DeviceFinish
 from utils import (FILE_ONLY, AverageMeter, NonFiniteLossError, UsageError, check_attention_memory, format_seconds,
                    get_logger)
 
 BATCH_NORMS = (nn.BatchNorm, nn.BatchNorm1D, nn.BatchNorm2D, nn.BatchNorm3D)
-# ops kept in float32 under float16 autocast: normalisation and attention weights
+# ops kept in float32 under autocast: normalisation and attention weights
 FLOAT32_OPS = {'layer_norm', 'softmax'}
+# a float16 run stops when this many optimizer steps in a row overflowed (nothing was learnt)
+MAX_SKIPPED_STEPS = 100
+
+
+def amp_dtype(config, capability: Optional[Tuple[int, int]] = None) -> Optional[str]:
+    """The autocast dtype of a run: None (float32) without AMP or without a CUDA GPU, else
+    AMP_DTYPE, where `auto` is bfloat16 on GPUs with bfloat16 units (compute capability
+    8.0 and newer: A100, H100, RTX 30xx on) and float16 before them (V100, T4).
+    `capability`: the GPU's (major, minor), read from the device when not given."""
+    if not config.AMP or (capability is None and not _use_gpu()):
+        return None
+    if config.AMP_DTYPE != 'auto':
+        return config.AMP_DTYPE
+    major, _ = capability or paddle.device.cuda.get_device_capability()
+    return 'bfloat16' if major >= 8 else 'float16'
+
+
+def autocast(dtype: Optional[str]):
+    """Paddle's O1 autocast to `dtype`, or nothing for None (float32)."""
+    if dtype is None:
+        return nullcontext()
+    return paddle.amp.auto_cast(enable=True, level='O1', dtype=dtype, custom_black_list=FLOAT32_OPS)
 
 
 class WarmupCosineSchedule(paddle.optimizer.lr.LRScheduler):
@@ -136,29 +159,31 @@ class ModelEma:
 
     @paddle.no_grad()
     def update(self, model: nn.Layer) -> None:
+        """average = decay * average + (1 - decay) * weight, in place on the device (set_value
+        would copy through host memory on Paddle 2.6)."""
         averages = self.module.state_dict()
         for key, value in model.state_dict().items():
             average = averages[key]
-            average.set_value(average * self.decay + value.detach() * (1.0 - self.decay))
+            paddle.assign(average * self.decay + value.detach() * (1.0 - self.decay), output=average)
 
 
 def train_step(model: nn.Layer, images: paddle.Tensor, targets: paddle.Tensor, criterion: nn.Layer,
                optimizer: paddle.optimizer.Optimizer, scaler: paddle.amp.GradScaler, *,
-               autocast: bool = False, accum_iter: int = 1,
+               amp: Optional[str] = None, accum_iter: int = 1,
                update: bool = True) -> Tuple[paddle.Tensor, paddle.Tensor]:
     """Forward and backward one (micro-)batch; with `update`, also step the optimizer.
 
-    The loss is divided by `accum_iter` before backward so that `accum_iter`
-    accumulated micro-batches give the gradient of their mean loss. Returns the
-    undivided loss and the logits.
+    The model and a distillation teacher run under autocast to `amp` (a dtype, or None:
+    float32); the loss is computed in float32 and divided by `accum_iter` before backward
+    so that `accum_iter` accumulated micro-batches give the gradient of their mean loss.
+    Returns the undivided loss and the logits, on the device (nothing is read back).
     """
-    with paddle.amp.auto_cast(enable=autocast, level='O1', dtype='float16',
-                              custom_black_list=FLOAT32_OPS):
+    with autocast(amp):
         logits = model(images)
-    if isinstance(criterion, losses.DistillationLoss):
-        loss = criterion(images, logits.astype('float32'), targets)  # the teacher sees the images too
-    else:
-        loss = criterion(logits.astype('float32'), targets)
+        if isinstance(criterion, losses.DistillationLoss):
+            loss = criterion(images, logits.astype('float32'), targets)  # the teacher sees the images too
+        else:
+            loss = criterion(logits.astype('float32'), targets)
     scaler.scale(loss / accum_iter).backward()
     if update:
         scaler.step(optimizer)
@@ -169,26 +194,10 @@ def train_step(model: nn.Layer, images: paddle.Tensor, targets: paddle.Tensor, c
     return loss, logits
 
 
-def count_correct(logits: paddle.Tensor, labels: paddle.Tensor, k: int) -> int:
-    """How many rows of `logits` have their label among the top `k` classes."""
-    top = paddle.topk(logits, k=min(k, logits.shape[-1]), axis=-1)[1]
-    return int((top == labels.reshape([-1, 1]).astype(top.dtype)).any(axis=-1).astype('int64').sum())
-
-
 def in_top_k(logits: paddle.Tensor, labels: paddle.Tensor, k: int) -> paddle.Tensor:
     """1.0 for each row of `logits` whose label is among its top `k` classes, else 0.0."""
     top = paddle.topk(logits, k=min(k, logits.shape[-1]), axis=-1)[1]
     return (top == labels.reshape([-1, 1]).astype(top.dtype)).any(axis=-1).astype('float32')
-
-
-def all_reduce_sums(values, world_size: int) -> np.ndarray:
-    """Sum a few numbers over all processes (as float64 on the host)."""
-    values = np.asarray(values, dtype=np.float64)
-    if world_size > 1:
-        tensor = paddle.to_tensor(values)
-        dist.all_reduce(tensor)
-        values = tensor.numpy()
-    return values
 
 
 def average_batchnorm_statistics(model: nn.Layer, world_size: int) -> None:
@@ -200,7 +209,7 @@ def average_batchnorm_statistics(model: nn.Layer, world_size: int) -> None:
         if isinstance(layer, BATCH_NORMS):
             for stat in paddle_internals.batch_norm_statistics(layer):
                 dist.all_reduce(stat)
-                stat.set_value(stat / world_size)
+                paddle.assign(stat / world_size, output=stat)  # on the device
 
 
 def seed_everything(seed: int) -> None:
@@ -226,7 +235,8 @@ class Trainer:
     criterion: nn.Layer
     mixup: Optional[object]
     ema: Optional[ModelEma]
-    autocast: bool
+    amp: Optional[str]  # the autocast dtype, None: float32
+    finish: Callable  # the loader's uint8 batch -> the model's input, on the device (DeviceFinish)
     steps_per_epoch: int
     world_size: int
     logger: object
@@ -244,11 +254,60 @@ class Trainer:
         return global_batch_size(self.config, self.world_size)
 
 
+class StepSums:
+    """What the micro-steps since the last read-back add up to, kept on the device so that
+    no step waits for one: loss x images, top-1 hits, unreadable images, and with a
+    float16 loss scaler the current run of skipped (overflowed) updates. The image count
+    is known on the host."""
+
+    def __init__(self):
+        self.sums = paddle.zeros([3], dtype='float64')
+        self.images = 0
+        self.skipped_run = paddle.zeros([1], dtype='float64')
+
+    def add(self, loss: paddle.Tensor, logits: paddle.Tensor, labels: paddle.Tensor,
+            unreadable: paddle.Tensor) -> None:
+        n = logits.shape[0]
+        self.sums += paddle.concat([
+            loss.detach().astype('float64').reshape([1]) * n,
+            in_top_k(logits.detach(), labels, 1).sum().astype('float64').reshape([1]),
+            (unreadable >= 0).astype('float64').sum().reshape([1])])
+        self.images += n
+
+    def after_update(self, scaler: paddle.amp.GradScaler) -> None:
+        if scaler.is_enable():  # one more skipped update in a row, or none
+            found_inf = paddle_internals.overflow_found(scaler).astype('float64').reshape([1])
+            self.skipped_run = (self.skipped_run + 1) * found_inf
+
+    def read(self, trainer, stop_code: int) -> Dict[str, float]:
+        """The sums over every process (one read-back and, with several, one all-reduce),
+        the loss scale, and the stop code any process asked for; then start afresh."""
+        scaler = trainer.scaler
+        scale = (paddle_internals.loss_scale(scaler).astype('float64').reshape([1]) if scaler.is_enable()
+                 else paddle.ones([1], dtype='float64'))
+        stops = paddle.to_tensor([float(self.images), float(stop_code == 143), float(stop_code == 130)],
+                                 dtype='float64')
+        values = paddle.concat([self.sums, stops, scale, self.skipped_run])
+        if trainer.world_size > 1:
+            dist.all_reduce(values)
+        loss, correct, unreadable, images, sigterm, sigint, scale, skipped = values.numpy().tolist()
+        self.sums, self.images = paddle.zeros([3], dtype='float64'), 0
+        return {'loss_sum': loss, 'correct': correct, 'unreadable': unreadable, 'images': images,
+                'stop': 143 if sigterm else 130 if sigint else 0, 'scale': scale / trainer.world_size,
+                'skipped': skipped / trainer.world_size}
+
+
 def train_one_epoch(trainer: Trainer, loader, epoch: int,
                     resumed: Optional[checkpoint.ResumePoint] = None) -> Tuple[float, float, int]:
     """Train one epoch (numbered from 1); return the mean loss and top-1 accuracy
     over all processes, and how many unreadable images other samples stood in for.
     Accuracy under mixup is against the unmixed labels.
+
+    The step runs on the device without waiting for it: the loss and accuracy are
+    summed there and read back (and checked, and summed over processes, and the stop
+    signals agreed on) only every REPORT_FREQ optimizer steps, before a mid-epoch
+    checkpoint and at the epoch's end. A single process stops at the step a signal
+    came; several at the next read-back.
 
     `resumed`: continue the epoch after its first `resumed.step` optimizer steps,
     with their loss and accuracy (the loader must start there: `datasets.set_epoch`).
@@ -262,12 +321,12 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int,
     loss_meter = resumed.meter('loss') if resumed else AverageMeter()
     acc_meter = resumed.meter('acc1') if resumed else AverageMeter()
     start, start_count = time.time(), loss_meter.count
-    unreadable = paddle.zeros([], dtype='int64')
-    for step, (images, labels, unreadable_files) in enumerate(loader, first_step):
+    sums, window_start, unreadable = StepSums(), first_step, 0
+    for step, (images, labels, unreadable_files, erase_boxes) in enumerate(loader, first_step):
         if step >= micro_steps:
             break
-        unreadable += (unreadable_files >= 0).astype('int64').sum()
         seed_everything(step_seed(config.SEED, epoch, step, trainer.rank))
+        images = trainer.finish(images, erase_boxes)
         if trainer.mixup is not None:
             trainer.mixup.set_epoch(epoch, step)
         targets = labels
@@ -278,77 +337,108 @@ def train_one_epoch(trainer: Trainer, loader, epoch: int,
         sync = trainer.net.no_sync() if trainer.world_size > 1 and not update else nullcontext()
         with sync:
             loss, logits = train_step(trainer.net, images, targets, trainer.criterion, trainer.optimizer,
-                                      trainer.scaler, autocast=trainer.autocast, accum_iter=accum,
-                                      update=update)
-        if update:
-            trainer.lr_schedule.step()
-            if trainer.ema is not None:
-                trainer.ema.update(trainer.model)
-        n = images.shape[0]
-        loss_sum, correct, count = all_reduce_sums(
-            [float(loss) * n, count_correct(logits, labels, 1), n], trainer.world_size)
-        if not math.isfinite(loss_sum):
-            raise NonFiniteLossError(
-                f'the training loss is {loss_sum / count} at epoch {epoch}, step {step + 1}/{micro_steps}; '
-                f'training stopped (checkpoints written before are kept in {config.SAVE})')
-        loss_meter.update(loss_sum / count, int(count))
-        acc_meter.update(correct / count, int(count))
+                                      trainer.scaler, amp=trainer.amp, accum_iter=accum, update=update)
+        sums.add(loss, logits, labels, unreadable_files)
+        trainer.reporter.progress(epoch, step + 1, micro_steps)
+        if not update:
+            continue
+        trainer.lr_schedule.step()
+        sums.after_update(trainer.scaler)
+        if trainer.ema is not None:
+            trainer.ema.update(trainer.model)
+        optimizer_step = (step + 1) // accum
+        local_stop = trainer.stop.code if trainer.stop is not None else 0
+        if not (optimizer_step % config.REPORT_FREQ == 0 or step + 1 == micro_steps
+                or checkpoint.step_checkpoint_due(trainer, epoch, optimizer_step)
+                or (local_stop and trainer.world_size == 1)):
+            continue
+        window = sums.read(trainer, local_stop)
+        unreadable += int(window['unreadable'])
+        _check_window(trainer, window, epoch, window_start, step + 1, micro_steps)
+        count = int(window['images'])
+        loss_meter.update(window['loss_sum'] / count, count)
+        acc_meter.update(window['correct'] / count, count)
         elapsed = time.time() - start
         left = elapsed / (step + 1 - first_step) * ((micro_steps - step - 1) + micro_steps * (num_epochs - epoch))
         lr, images_per_s = trainer.optimizer.get_lr(), (loss_meter.count - start_count) / elapsed
+        scale = f', loss scale {window["scale"]:g}' if trainer.scaler.is_enable() else ''
         trainer.reporter.train_step(
             epoch, step + 1, micro_steps,
             f'Epoch[{epoch:03d}/{num_epochs:03d}], Step[{step + 1:04d}/{micro_steps:04d}], '
-            f'Loss: {loss_sum / count:.4f} (avg {loss_meter.avg:.4f}), '
-            f'Acc@1: {correct / count:.4f} (avg {acc_meter.avg:.4f}), '
-            f'LR: {lr:.6e}, {images_per_s:.1f} images/s, time left: {format_seconds(left)}',
-            loss=loss_sum / count, acc1=correct / count, loss_avg=loss_meter.avg, lr=lr,
+            f'Loss: {window["loss_sum"] / count:.4f} (avg {loss_meter.avg:.4f}), '
+            f'Acc@1: {window["correct"] / count:.4f} (avg {acc_meter.avg:.4f}), '
+            f'LR: {lr:.6e}{scale}, {images_per_s:.1f} images/s, time left: {format_seconds(left)}',
+            loss=window['loss_sum'] / count, acc1=window['correct'] / count, loss_avg=loss_meter.avg, lr=lr,
             images_per_s=images_per_s, seconds_left=left)
-        if update:
-            checkpoint.after_optimizer_step(trainer, epoch, (step + 1) // accum,
-                                            {'loss': loss_meter, 'acc1': acc_meter})
-    return loss_meter.avg, acc_meter.avg, int(all_reduce_sums([int(unreadable)], trainer.world_size)[0])
+        window_start = step + 1
+        checkpoint.after_optimizer_step(trainer, epoch, optimizer_step, {'loss': loss_meter, 'acc1': acc_meter},
+                                        window['stop'] if trainer.world_size > 1 else local_stop)
+    return loss_meter.avg, acc_meter.avg, unreadable
+
+
+def _check_window(trainer, window: Dict[str, float], epoch: int, first: int, last: int, steps: int) -> None:
+    """Stop when the loss of micro-steps `first`+1..`last` is not finite, or when a float16
+    loss scale has collapsed (every update skipped: the weights no longer change)."""
+    where = f'epoch {epoch}, steps {first + 1}-{last}/{steps}'
+    kept = f'training stopped (checkpoints written before are kept in {trainer.config.SAVE})'
+    if not math.isfinite(window['loss_sum']):
+        raise NonFiniteLossError(f'the training loss is {window["loss_sum"] / max(window["images"], 1)} '
+                                 f'at {where}; {kept}')
+    if trainer.scaler.is_enable() and (window['scale'] < 1 or window['skipped'] >= MAX_SKIPPED_STEPS):
+        raise NonFiniteLossError(
+            f'float16 overflows every step: the loss scale is {window["scale"]:g} and the last '
+            f'{int(window["skipped"])} updates were skipped at {where}; {kept}; AMP_DTYPE bfloat16 (GPUs '
+            f'of compute capability 8.0 and newer) or a lower TRAIN.BASE_LR avoids it')
 
 
 @paddle.no_grad()
-def validate(model: nn.Layer, loader, world_size: int = 1, expected_count: Optional[int] = None,
-             progress: Optional[Callable[[int], None]] = None) -> Dict[str, object]:
-    """Cross-entropy loss, top-1 and top-5 accuracy over the whole val set.
+def validate(model: nn.Layer, loader, finish: Callable, world_size: int = 1, expected_count: Optional[int] = None,
+             progress: Optional[Callable[[int], None]] = None, amp: Optional[str] = None) -> Dict[str, object]:
+    """Cross-entropy loss, top-1 and top-5 accuracy over the whole val set, the model
+    under autocast to `amp` (None: float32); `finish` turns the loader's uint8 images into
+    the model's input (transforms.DeviceFinish).
 
     Each process evaluates its own shard; sums are combined over processes, so
     every image counts once. Images that cannot be read are left out, and
     named (`unreadable`: their paths); `count` is the number evaluated.
     `expected_count` (the val set size) guards that every image was either.
-    `progress` is called with the number of batches done after each one.
+    `progress` is called with the number of batches done after each one. The sums
+    stay on the device and are read back once, at the end.
     """
     model.eval()
-    sums = paddle.zeros([4], dtype='float64')  # loss, top-1, top-5, images: on the device, read at the end
+    sums = paddle.zeros([5], dtype='float64')  # loss, top-1, top-5, images, unreadable images
     marks = []
-    for batch, (images, labels, unreadable) in enumerate(loader, 1):
-        logits = model(images).astype('float32')
-        labels, unreadable = labels.reshape([-1]), unreadable.reshape([-1])
+    for batch, (images, labels, unreadable, boxes) in enumerate(loader, 1):
+        with autocast(amp):
+            logits = model(finish(images, boxes))
+        logits, labels, unreadable = logits.astype('float32'), labels.reshape([-1]), unreadable.reshape([-1])
         read = (unreadable < 0).astype('float32')  # placeholders of unreadable files count nowhere
         losses = F.cross_entropy(logits, labels, reduction='none').reshape([-1])
         sums += paddle.stack([(losses * read).sum(), (in_top_k(logits, labels, 1) * read).sum(),
-                              (in_top_k(logits, labels, 5) * read).sum(), read.sum()]).astype('float64')
+                              (in_top_k(logits, labels, 5) * read).sum(), read.sum(),
+                              (1 - read).sum()]).astype('float64')
         marks.append(unreadable)
         if progress is not None:
             progress(batch)
-    left_out = [] if not marks else [int(i) for i in paddle.concat(marks).numpy() if i >= 0]
-    loss_sum, correct1, correct5, count, missing = all_reduce_sums(
-        list(sums.numpy()) + [len(left_out)], world_size)
-    if missing and world_size > 1:  # every process's left-out indices, for the names
+    if world_size > 1:
+        dist.all_reduce(sums)
+    loss_sum, correct1, correct5, count, missing = sums.numpy().tolist()
+    left_out = []
+    if missing:  # rare: read every process's left-out indices, for the names
+        own = [int(i) for i in paddle.concat(marks).numpy() if i >= 0]
         flags = np.zeros(len(loader.dataset), dtype=np.int32)
-        flags[left_out] = 1
-        flags = paddle.to_tensor(flags)
-        dist.all_reduce(flags)
-        left_out = np.flatnonzero(flags.numpy()).tolist()
+        flags[own] = 1
+        if world_size > 1:
+            flags = paddle.to_tensor(flags)
+            dist.all_reduce(flags)
+            flags = flags.numpy()
+        left_out = np.flatnonzero(flags).tolist()
     if expected_count is not None and int(count) + int(missing) != expected_count:
         raise RuntimeError(f'validation saw {int(count) + int(missing)} images, the val set has {expected_count}')
     paths = getattr(loader.dataset, 'paths', None)
     return {'loss': loss_sum / max(count, 1), 'acc1': correct1 / max(count, 1),
             'acc5': correct5 / max(count, 1), 'count': int(count),
-            'unreadable': [paths[i] if paths else str(i) for i in sorted(left_out)]}
+            'unreadable': [paths[i] if paths else str(i) for i in left_out]}
 
 
 def format_validation(metrics: Dict[str, object], prefix: str = '') -> str:
@@ -366,10 +456,7 @@ def left_out_note(metrics: Dict[str, object]) -> str:
     return f'; {len(names)} unreadable left out: {", ".join(names[:5])}{more}'
 
 
-def _check_data_sizes(config, train_set, val_set, world_size: int) -> None:
-    if config.DATA.BATCH_SIZE_EVAL > len(val_set):
-        raise UsageError(f'DATA.BATCH_SIZE_EVAL = {config.DATA.BATCH_SIZE_EVAL} is larger than the val set '
-                         f'({len(val_set)} images)')
+def _check_data_sizes(config, train_set, world_size: int) -> None:
     if train_set is not None:
         needed = global_batch_size(config, world_size)
         if len(train_set) < needed:
@@ -478,7 +565,7 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
     try:
         val_set = datasets.get_dataset(config, 'val')
         train_set = None if config.EVAL else datasets.get_dataset(config, 'train')
-        _check_data_sizes(config, train_set, val_set, world_size)
+        _check_data_sizes(config, train_set, world_size)
         val_loader = datasets.get_dataloader(config, val_set, 'val', multi_process)
         train_loader = None if config.EVAL else datasets.get_dataloader(config, train_set, 'train', multi_process)
         mixup = None if config.EVAL else mixup_lib.build_mixup(config, val_set.num_classes)
@@ -504,8 +591,8 @@ def run(config, multi_process: bool = False) -> Dict[str, object]:
         if config.MODEL.RESUME and not config.MODEL.PRETRAINED:
             checkpoint.load_weights_exactly(model, cvt.resolve_weights_path(config.MODEL.RESUME))
         start = time.time()
-        metrics = validate(model, val_loader, world_size, expected_count=len(val_set),
-                           progress=reporter.eval_progress(len(val_loader)))
+        metrics = validate(model, val_loader, DeviceFinish(config, training=False), world_size, expected_count=len(val_set),
+                           progress=reporter.eval_progress(len(val_loader)), amp=amp_dtype(config))
         logger.info(f'----- {format_validation(metrics)}, time: {time.time() - start:.2f}s', extra=FILE_ONLY)
         reporter.evaluated(metrics, time.time() - start)
         return {'val': metrics}
@@ -561,8 +648,8 @@ def build_criterion(config, mixup_active: bool, logger) -> nn.Layer:
 def build_trainer(config, model: nn.Layer, mixup, steps_per_epoch: int, world_size: int, logger,
                   rank: int = 0) -> Trainer:
     """Optimizer, schedule, loss, loss scaler, EMA and the process wrapper around `model`."""
-    use_amp = config.AMP and _use_gpu()
-    if config.AMP and not use_amp:
+    amp = amp_dtype(config)
+    if config.AMP and amp is None:
         logger.info('-amp: no CUDA GPU here, and Paddle\'s autocast only works on one, '
                     'so this run trains in float32')
     lr_schedule = build_lr_schedule(config, steps_per_epoch, world_size)
@@ -570,9 +657,9 @@ def build_trainer(config, model: nn.Layer, mixup, steps_per_epoch: int, world_si
     return Trainer(
         config=config, model=model, net=paddle.DataParallel(model) if world_size > 1 else model,
         optimizer=build_optimizer(config, model, lr_schedule), lr_schedule=lr_schedule,
-        scaler=paddle.amp.GradScaler(enable=use_amp),
+        scaler=paddle.amp.GradScaler(enable=amp == 'float16'),  # bfloat16 has float32's range
         criterion=build_criterion(config, mixup is not None, logger), mixup=mixup, ema=ema,
-        autocast=use_amp, steps_per_epoch=steps_per_epoch, world_size=world_size, logger=logger, rank=rank)
+        amp=amp, finish=DeviceFinish(config, training=True), steps_per_epoch=steps_per_epoch, world_size=world_size, logger=logger, rank=rank)
 
 
 def fit(trainer: Trainer, train_loader, val_loader, val_size: int, first_epoch: int,
@@ -582,6 +669,7 @@ def fit(trainer: Trainer, train_loader, val_loader, val_size: int, first_epoch: 
     `resumed`: where in `first_epoch` a mid-epoch checkpoint left off."""
     config, logger, world_size = trainer.config, trainer.logger, trainer.world_size
     num_epochs = config.TRAIN.NUM_EPOCHS
+    val_finish = DeviceFinish(config, training=False)
     result: Dict[str, object] = {'checkpoint': None}
     for epoch in range(first_epoch, num_epochs + 1):
         # a mid-epoch checkpoint continues its epoch at the next batch
@@ -603,12 +691,13 @@ def fit(trainer: Trainer, train_loader, val_loader, val_size: int, first_epoch: 
         validated = epoch % config.VALIDATE_FREQ == 0 or last
         if validated:
             start = time.time()
-            result['val'] = validate(trainer.model, val_loader, world_size, expected_count=val_size,
-                                     progress=trainer.reporter.eval_progress(len(val_loader)))
+            result['val'] = validate(trainer.model, val_loader, val_finish, world_size, expected_count=val_size,
+                                     progress=trainer.reporter.eval_progress(len(val_loader)), amp=trainer.amp)
             logger.info(f'----- Epoch[{epoch:03d}/{num_epochs:03d}], '
                         f'{format_validation(result["val"])}, time: {time.time() - start:.2f}s', extra=FILE_ONLY)
             if trainer.ema is not None:
-                result['val_ema'] = validate(trainer.ema.module, val_loader, world_size, expected_count=val_size)
+                result['val_ema'] = validate(trainer.ema.module, val_loader, val_finish, world_size, expected_count=val_size,
+                                             amp=trainer.amp)
                 logger.info(f'----- Epoch[{epoch:03d}/{num_epochs:03d}], '
                             f'{format_validation(result["val_ema"], prefix="EMA ")}', extra=FILE_ONLY)
         saved = checkpoint.end_of_epoch(trainer, epoch, train_loss, result['val']['acc1'] if validated else None)

@@ -43,7 +43,7 @@ def worker(config, threads: Optional[int] = None) -> None:
     utils.report_errors(engine.run, config, multi_process=True, quiet=quiet)
 
 
-def spawned_worker(config, threads: int, launcher: int) -> None:
+def spawned_worker(config, threads: Optional[int], launcher: int) -> None:
     """A training process started by this launcher: it ends should the launcher die."""
     import preemption  # Paddle is loaded already: the spawn machinery loaded it
     preemption.die_with_parent(launcher)
@@ -78,7 +78,7 @@ def main() -> None:
     nprocs = process_count(config.NGPUS)
     on_cpu = not (paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)
     # on the CPU the processes share the cores instead of each claiming all of them
-    threads = runtime.threads_per_process(nprocs) if on_cpu else runtime.threads()
+    threads = runtime.threads_per_process(nprocs) if on_cpu else None  # GPU: the runtime's default
     with preemption.deferred_stop_requests():
         processes = dist.spawn(spawned_worker, args=(config, threads, os.getpid()), nprocs=nprocs,
                                backend='gloo' if on_cpu else 'nccl', join=False)

@@ -12,7 +12,7 @@ project touches a private Paddle name. Each one here has the same meaning in Pad
 Importing this module imports Paddle: runtime.py imports it only after its start-up.
 """
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import paddle
 import paddle.nn as nn
@@ -87,3 +87,25 @@ def set_num_threads(count: int) -> None:
         paddle.base.core.set_num_threads(count)
     except (RuntimeError, NotImplementedError):  # a Paddle built with neither MKL nor OpenBLAS
         pass
+
+
+def autocast_dtype() -> Optional[str]:
+    """The dtype autocast computes in where this runs ('float16' or 'bfloat16'), None
+    outside autocast: `paddle.amp.auto_cast` keeps its state on the dynamic graph's
+    tracer (`_amp_level`, `_amp_dtype`) and offers no public query."""
+    tracer = paddle.base.framework._dygraph_tracer()
+    if tracer is None or tracer._amp_level == paddle.base.core.AmpLevel.O0:
+        return None
+    return str(tracer._amp_dtype)
+
+
+def loss_scale(scaler: paddle.amp.GradScaler) -> paddle.Tensor:
+    """A float16 GradScaler's current loss scale, on the device: kept as `_scale`; the
+    only public reader, `state_dict()`, copies it to the host, which a step must not wait for."""
+    return scaler._scale
+
+
+def overflow_found(scaler: paddle.amp.GradScaler) -> paddle.Tensor:
+    """Whether the scaler's last `step` found an inf or NaN gradient (and skipped the
+    update), on the device: kept as `_found_inf`, with no public reader."""
+    return scaler._found_inf

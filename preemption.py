@@ -33,6 +33,8 @@ import time
 from types import FrameType
 from typing import Dict, Iterator, List, Optional
 
+import runtime
+
 
 # exit codes, as a shell reports a process ended by the signal
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGUSR1: 143}
@@ -104,8 +106,8 @@ def die_with_parent(parent: int) -> None:
 def loader_worker_init(worker_id: int, parent: int) -> None:
     """DataLoader worker_init_fn (with `parent`, the training process's pid, bound by
     functools.partial): leave SIGINT (Ctrl-C reaches the whole process group) and
-    SIGUSR1 to the training process, and die with that process rather than wait
-    for it forever.
+    SIGUSR1 to the training process, die with that process rather than wait for it
+    forever, and give back its CPU tuning (`runtime.loader_worker_start`).
 
     SIGTERM keeps the handler Paddle gives its workers (which replaces the one
     inherited from the training process): it is how that process ends them.
@@ -113,6 +115,7 @@ def loader_worker_init(worker_id: int, parent: int) -> None:
     for signum in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
     die_with_parent(parent)
+    runtime.loader_worker_start()
 
 
 def end_loader_workers(timeout: float = 5.0) -> None:

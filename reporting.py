@@ -138,6 +138,7 @@ class Reporter:
         self.interactive = self.active and (self.stream.isatty() if interactive is None else interactive)
         self.history: List[Dict[str, float]] = []
         self.bar: Optional[ProgressBar] = None
+        self.bar_text = ''  # the figures of the last read-back
         self.vdl = None
         self.started, self.first_epoch = time.time(), 1
 
@@ -186,25 +187,32 @@ class Reporter:
 
     # --- inside an epoch
 
+    def progress(self, epoch: int, step: int, steps: int) -> None:
+        """After micro-step `step` (from 1) of `steps`: move the bar (on a terminal), with
+        the figures of the last read-back."""
+        if not self.active or not self.interactive:
+            return
+        if self.bar is None:
+            self.bar = ProgressBar(steps, f'epoch {epoch}/{self.config.TRAIN.NUM_EPOCHS}', self.stream)
+        self.bar.update(step, self.bar_text)
+
     def train_step(self, epoch: int, step: int, steps: int, line: str, *, loss: float, acc1: float,
                    loss_avg: float, lr: float, images_per_s: float, seconds_left: float) -> None:
-        """After micro-step `step` (from 1) of `steps`: the bar, and every REPORT_FREQ
-        steps (and at the last) `line` (PaddleViT's step line) and the VisualDL scalars."""
+        """At a read-back of the training figures (every REPORT_FREQ optimizer steps, at
+        a mid-epoch checkpoint and at the epoch's end), after micro-step `step`: `line`
+        (PaddleViT's step line), the bar's figures and the VisualDL scalars."""
         if not self.active:
             return
-        periodic = step % self.config.REPORT_FREQ == 0 or step == steps
-        if self.interactive:
-            if self.bar is None:
-                self.bar = ProgressBar(steps, f'epoch {epoch}/{self.config.TRAIN.NUM_EPOCHS}', self.stream)
-            self.bar.update(step, f'loss {loss_avg:.4f} | lr {lr:.2e} | {images_per_s:.0f} img/s | '
-                                  f'left {format_seconds(seconds_left)}')
-        if periodic:
-            self.logger.info(line, extra=FILE_ONLY if self.interactive else None)
-            if self.vdl is not None:
-                global_step = (epoch - 1) * steps + step
-                for tag, value in (('train/loss', loss), ('train/acc1', acc1), ('train/lr', lr),
-                                   ('train/images_per_s', images_per_s)):
-                    self.vdl.add_scalar(tag=tag, value=value, step=global_step)
+        self.bar_text = (f'loss {loss_avg:.4f} | lr {lr:.2e} | {images_per_s:.0f} img/s | '
+                         f'left {format_seconds(seconds_left)}')
+        if self.bar is not None:
+            self.bar.update(step, self.bar_text)
+        self.logger.info(line, extra=FILE_ONLY if self.interactive else None)
+        if self.vdl is not None:
+            global_step = (epoch - 1) * steps + step
+            for tag, value in (('train/loss', loss), ('train/acc1', acc1), ('train/lr', lr),
+                               ('train/images_per_s', images_per_s)):
+                self.vdl.add_scalar(tag=tag, value=value, step=global_step)
 
     def eval_progress(self, total: int) -> Optional[Callable[[int], None]]:
         """A callback for `engine.validate` that draws a bar over `total` batches

@@ -5,7 +5,9 @@ decides the process's thread count once, sets what Paddle's libraries read as
 they load (MKL's thread count and its code path on AMD, OpenMP's spin time),
 glibc's allocator and two warning filters, then imports Paddle and gives its own
 OpenMP kernels the same thread count; the project's CPU kernels (fast/) take it
-from `threads()`. In a notebook or your own script, call it instead of importing
+from `threads()`. The CPU tuning is for runs on the CPU: where Paddle will run on a
+CUDA GPU (`gpu_host()`) the thread pools and the allocator are left as they are,
+and data-loader workers give it back (`loader_worker_start()`). In a notebook or your own script, call it instead of importing
 Paddle first, to get the same set-up as the project's scripts:
 
     import runtime
@@ -17,6 +19,8 @@ Settings the user has made in the environment are left as they are.
 
 import ctypes
 import ctypes.util
+import glob
+import importlib.metadata
 import os
 import sys
 import warnings
@@ -110,10 +114,28 @@ def mkl_code_path() -> str:
     return f'{path}, MKL_ENABLE_INSTRUCTIONS={limit}' if limit else path
 
 
-# the thread count configure() chose (None: not called in this process), and whether it
-# was the user's own (MKL_NUM_THREADS)
+# the thread count configure() chose (None: not called in this process), whether it
+# was the user's own (MKL_NUM_THREADS), and whether glibc keeps freed memory
 _threads: Optional[int] = None
 _users_threads = False
+_keeps_freed_memory = False
+
+
+def gpu_host() -> bool:
+    """Whether Paddle will run on a CUDA GPU in this process, judged before it loads (as
+    the engine decides after: a CUDA build and a GPU visible): the paddlepaddle-gpu
+    distribution installed, an NVIDIA device present, and CUDA_VISIBLE_DEVICES not
+    hiding every GPU."""
+    visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+    if visible is not None and visible.strip() in ('', '-1'):
+        return False
+    if not glob.glob('/dev/nvidia[0-9]*'):
+        return False
+    try:
+        importlib.metadata.version('paddlepaddle-gpu')
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def configure(threads: Optional[int] = None, pin: bool = True) -> int:
@@ -129,9 +151,23 @@ def configure(threads: Optional[int] = None, pin: bool = True) -> int:
     first `threads` of its usable cores. A later call in the same process (a tool's
     module imported by a test, a notebook cell run again) changes nothing and returns
     the first count.
+
+    On a GPU host (`gpu_host()`) only the warning filters are set, and the count is
+    `threads` or the usable cores: the GPU does the work, and the cores belong to the
+    data-loader workers, which MKL's spinning threads and a process that keeps its
+    peak memory would crowd.
     """
-    global _threads, _users_threads
+    global _threads, _users_threads, _keeps_freed_memory
     if _threads is not None:
+        return _threads
+    # Paddle warns at import that its C++ extension builder found no ccache (this
+    # project builds no extensions), and notes at every BatchNorm in training mode
+    # that it tracks running statistics
+    warnings.filterwarnings('ignore', message='No ccache found')
+    warnings.filterwarnings('ignore', message='When training, we now always track global mean')
+    if gpu_host():
+        import paddle  # noqa: F401  (the entry points' promise: Paddle loaded after the start-up)
+        _threads = threads or usable_cores()
         return _threads
     # Paddle sets OMP_NUM_THREADS=1 as it loads where it is unset (and warns where it is
     # above 1), which leaves its OpenMP kernels on one core; a value set before that is the user's
@@ -141,11 +177,6 @@ def configure(threads: Optional[int] = None, pin: bool = True) -> int:
         if pin:
             use_cores(threads)
         os.environ['MKL_NUM_THREADS'] = str(threads)
-    # Paddle warns at import that its C++ extension builder found no ccache (this
-    # project builds no extensions), and notes at every BatchNorm in training mode
-    # that it tracks running statistics
-    warnings.filterwarnings('ignore', message='No ccache found')
-    warnings.filterwarnings('ignore', message='When training, we now always track global mean')
     # MKL's GEMMs take MKL_NUM_THREADS as MKL loads (and child processes inherit it).
     os.environ.setdefault('MKL_NUM_THREADS', str(usable_cores()))
     try:
@@ -165,7 +196,7 @@ def configure(threads: Optional[int] = None, pin: bool = True) -> int:
     # one kernel and the next (CvT-13 on 2 cores: inference 5%, training 7%
     # faster than at 0).
     os.environ.setdefault('KMP_BLOCKTIME', '1')
-    keep_freed_memory()
+    _keeps_freed_memory = keep_freed_memory()
     import paddle_internals  # imports Paddle: MKL and OpenMP load with the settings above
     if threads is not None or not users_omp:
         # CvT-13's AdamW update took 53 ms of an 860 ms training step on 16 cores with
@@ -173,6 +204,19 @@ def configure(threads: Optional[int] = None, pin: bool = True) -> int:
         paddle_internals.set_num_threads(count)
     _threads = count
     return count
+
+
+def loader_worker_start() -> None:
+    """In a data-loader worker, forked from a configured process: give back the CPU
+    tuning. glibc returns freed memory to the system again (a worker's peak is a batch
+    of decoded images, not worth keeping), and MKL and Paddle's OpenMP kernels, should
+    the worker reach them, run on one thread: the workers together are sized to the
+    cores already."""
+    if _keeps_freed_memory:
+        _set_malloc(mmap_max=65536, trim_threshold=128 * 1024)  # glibc's defaults
+    if _threads is not None and 'paddle' in sys.modules:
+        import paddle_internals
+        paddle_internals.set_num_threads(1)
 
 
 def threads() -> int:
@@ -209,10 +253,15 @@ def keep_freed_memory() -> bool:
     """
     if not sys.platform.startswith('linux') or any(name in os.environ for name in _MALLOC_VARIABLES):
         return False
+    return _set_malloc(mmap_max=0, trim_threshold=2 ** 31 - 1)
+
+
+def _set_malloc(mmap_max: int, trim_threshold: int) -> bool:
+    """glibc's M_MMAP_MAX and M_TRIM_THRESHOLD (mallopt); False where it is not glibc."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library('c')).mallopt
     except (OSError, AttributeError, TypeError):  # not glibc
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+    return bool(mallopt(m_mmap_max, mmap_max)) and bool(mallopt(m_trim_threshold, trim_threshold))
 

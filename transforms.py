@@ -1,4 +1,4 @@
-"""Image transforms of the CvT recipe: PIL in, normalised float32 CHW numpy out.
+"""Image transforms of the CvT recipe: PIL in, CHW numpy out.
 
 Every random transform draws from a ``numpy.random.Generator`` handed to it, so
 the dataset can give each sample its own generator derived from (SEED, epoch,
@@ -6,9 +6,12 @@ sample index) and the augmentation does not depend on workers or processes.
 Called without one (tools, notebooks), a transform draws a generator from
 numpy's global state, so ``np.random.seed`` makes it repeatable.
 
-Geometric and colour ops stay in PIL (its C loops are the fast path); the
-conversion to a normalised tensor and random erasing work on the uint8 array
-in numpy, in one pass.
+Geometric and colour ops stay in PIL (its C loops are the fast path). The data
+loader's transforms end in the uint8 image (and, in training, the rectangles to
+erase, drawn from the sample's generator): a quarter of float32's bytes to
+send from the workers and to copy to a GPU, where `DeviceFinish` normalises
+and erases the batch. The tools' evaluation transform normalises on the host
+(`ToNormalizedArray`), with the same arithmetic (`normalization`).
 """
 
 import math
@@ -193,6 +196,28 @@ class CenterCrop:
         return f'CenterCrop({self.size})'
 
 
+def normalization(mean: Sequence[float], std: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) per channel such that scale * x + shift = ((x / 255) - mean) / std
+    for uint8 levels x: the normalisation of every transform, on the host or a device."""
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f'DATA.IMAGENET_MEAN / IMAGENET_STD must be 3 values (std > 0), got {mean}, {std}')
+    std = np.asarray(std, dtype=np.float64)
+    return 1.0 / (255.0 * std), -np.asarray(mean, dtype=np.float64) / std
+
+
+class ToUint8Array:
+    """uint8 RGB PIL image -> uint8 CHW array."""
+
+    def __call__(self, image: Image.Image, rng: Optional[Generator] = None) -> np.ndarray:
+        pixels = np.asarray(image)
+        if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+            raise ValueError(f'expected an 8-bit RGB image, got mode {image.mode}')
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+    def __repr__(self) -> str:
+        return 'ToUint8Array()'
+
+
 class ToNormalizedArray:
     """uint8 RGB PIL image -> float32 CHW array of ((x / 255) - mean) / std.
 
@@ -201,10 +226,9 @@ class ToNormalizedArray:
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f'DATA.IMAGENET_MEAN / IMAGENET_STD must be 3 values (std > 0), got {mean}, {std}')
-        levels = np.arange(256, dtype=np.float64) / 255.0
-        self.table = np.stack([(levels - m) / s for m, s in zip(mean, std)]).astype(np.float32)
+        scale, shift = normalization(mean, std)
+        levels = np.arange(256, dtype=np.float64)
+        self.table = (levels[None, :] * scale[:, None] + shift[:, None]).astype(np.float32)
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, image: Image.Image, rng: Optional[Generator] = None) -> np.ndarray:
@@ -221,13 +245,17 @@ class ToNormalizedArray:
 
 
 class RandomErasing:
-    """Replace `count` random rectangles of a normalised CHW array with normal noise.
+    """Replace `count` random rectangles of a normalised image with normal noise.
 
     With probability `prob` per image; each rectangle covers `area` (a fraction
     of the image, divided by `count`) with an aspect ratio log-uniform in
     `aspect`; ten tries per rectangle to fit it inside the image. Mode 'pixel'
     draws noise per pixel and channel, 'rand' one value per channel, 'const'
     fills zeros (the mean colour after normalisation).
+
+    In two halves: `__call__` draws the rectangles of one uint8 CHW image in a loader
+    worker, from the sample's generator, and returns (image, rectangles); `apply`
+    fills them in a normalised batch on its device, drawing the noise there.
     """
 
     MODES = ('pixel', 'rand', 'const')
@@ -243,32 +271,64 @@ class RandomErasing:
         self.prob, self.mode, self.count, self.area = prob, mode, count, area
         self.log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
 
-    def __call__(self, array: np.ndarray, rng: Generator) -> np.ndarray:
+    def __call__(self, array: np.ndarray, rng: Generator) -> Tuple[np.ndarray, np.ndarray]:
+        """`array` and its rectangles, `count` rows of (top, left, height, width); a
+        rectangle not drawn is all zeros."""
+        boxes = np.zeros((self.count, 4), dtype=np.int32)
         if rng.random() >= self.prob:
-            return array
-        channels, height, width = array.shape
-        for _ in range(self.count):
+            return array, boxes
+        _, height, width = array.shape
+        for box in boxes:
             for _ in range(10):
                 target_area = rng.uniform(*self.area) * height * width / self.count
                 aspect = math.exp(rng.uniform(*self.log_aspect))
                 box_h = int(round(math.sqrt(target_area * aspect)))
                 box_w = int(round(math.sqrt(target_area / aspect)))
                 if box_w < width and box_h < height:
-                    top = int(rng.integers(0, height - box_h + 1))
-                    left = int(rng.integers(0, width - box_w + 1))
-                    array[:, top:top + box_h, left:left + box_w] = self._fill(channels, box_h, box_w, rng)
+                    box[:] = (int(rng.integers(0, height - box_h + 1)), int(rng.integers(0, width - box_w + 1)),
+                              box_h, box_w)
                     break
-        return array
+        return array, boxes
 
-    def _fill(self, channels: int, height: int, width: int, rng: Generator):
-        if self.mode == 'pixel':
-            return rng.standard_normal((channels, height, width), dtype=np.float32)
-        if self.mode == 'rand':
-            return rng.standard_normal((channels, 1, 1), dtype=np.float32)
-        return 0.0
+    def apply(self, images, boxes):
+        """Fill the rectangles `boxes` (B, count, 4) of the normalised `images` (B, C, H, W),
+        Paddle tensors on one device, with this mode's noise (drawn from Paddle's generator)."""
+        import paddle
+        batch, channels, height, width = images.shape
+        rows = paddle.arange(height, dtype='int32').reshape([1, 1, height, 1])
+        cols = paddle.arange(width, dtype='int32').reshape([1, 1, 1, width])
+        for k in range(boxes.shape[1]):
+            top, left, box_h, box_w = (boxes[:, k, i].reshape([-1, 1, 1, 1]) for i in range(4))
+            inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
+            if self.mode == 'pixel':
+                fill = paddle.randn([batch, channels, height, width], dtype=images.dtype)
+            elif self.mode == 'rand':
+                fill = paddle.randn([batch, channels, 1, 1], dtype=images.dtype).expand_as(images)
+            else:
+                fill = paddle.zeros_like(images)
+            images = paddle.where(inside.expand_as(images), fill, images)
+        return images
 
     def __repr__(self) -> str:
         return f'RandomErasing(prob={self.prob}, mode={self.mode}, count={self.count})'
+
+
+class DeviceFinish:
+    """The loader's last step, on the batch's device: uint8 images -> normalised float32,
+    and in training the random erasing whose rectangles the workers drew."""
+
+    def __init__(self, config, training: bool):
+        self.scale, self.shift = normalization(config.DATA.IMAGENET_MEAN, config.DATA.IMAGENET_STD)
+        train = config.TRAIN
+        self.erasing = RandomErasing(train.RANDOM_ERASE_PROB, train.RANDOM_ERASE_MODE, train.RANDOM_ERASE_COUNT) \
+            if training and train.RANDOM_ERASE_PROB > 0 else None
+
+    def __call__(self, images, boxes):
+        import paddle
+        scale = paddle.to_tensor(self.scale.astype(np.float32)).reshape([1, 3, 1, 1])
+        shift = paddle.to_tensor(self.shift.astype(np.float32)).reshape([1, 3, 1, 1])
+        images = images.astype('float32') * scale + shift
+        return images if self.erasing is None else self.erasing.apply(images, boxes)
 
 
 # ---------------------------------------------------------------- RandAugment
@@ -462,7 +522,8 @@ def _augment_policy(config) -> str:
 
 
 def build_train_transforms(config) -> Compose:
-    """The recipe's training transform: PIL RGB image -> normalised float32 CHW array."""
+    """The recipe's training transform: PIL RGB image -> (uint8 CHW array, rectangles to
+    erase); `DeviceFinish` normalises and erases the batch."""
     data, train = config.DATA, config.TRAIN
     if train.CROP_MODE == 'random_resized':
         crop = RandomResizedCrop(data.IMAGE_SIZE, scale=tuple(train.CROP_SCALE), interpolation=data.INTERPOLATION)
@@ -476,17 +537,20 @@ def build_train_transforms(config) -> Compose:
         steps.append(RandAugment(policy, fill=fill, interpolation=data.INTERPOLATION))
     elif train.COLOR_JITTER:
         steps.append(ColorJitter(train.COLOR_JITTER))
-    steps.append(ToNormalizedArray(data.IMAGENET_MEAN, data.IMAGENET_STD))
+    normalization(data.IMAGENET_MEAN, data.IMAGENET_STD)  # checked here, applied on the device
+    steps.append(ToUint8Array())
     if train.RANDOM_ERASE_SPLIT:
         raise ValueError('TRAIN.RANDOM_ERASE_SPLIT = True needs augmentation splits, which this pipeline does not make')
-    if train.RANDOM_ERASE_PROB > 0:
-        steps.append(RandomErasing(train.RANDOM_ERASE_PROB, train.RANDOM_ERASE_MODE, train.RANDOM_ERASE_COUNT))
+    # without erasing, one empty rectangle per image keeps the batch's shape
+    steps.append(RandomErasing(train.RANDOM_ERASE_PROB, train.RANDOM_ERASE_MODE, train.RANDOM_ERASE_COUNT)
+                 if train.RANDOM_ERASE_PROB > 0 else RandomErasing(0.0))
     return Compose(steps)
 
 
-def build_val_transforms(config) -> Compose:
-    """Evaluation: short side to int(IMAGE_SIZE / CROP_PCT), centre crop IMAGE_SIZE, normalise."""
+def build_val_transforms(config, on_device: bool = False) -> Compose:
+    """Evaluation: short side to int(IMAGE_SIZE / CROP_PCT), centre crop IMAGE_SIZE, normalise
+    (to float32 CHW), or with `on_device` leave the normalising to `DeviceFinish` (uint8 CHW)."""
     data = config.DATA
+    last = ToUint8Array() if on_device else ToNormalizedArray(data.IMAGENET_MEAN, data.IMAGENET_STD)
     return Compose([Resize(int(data.IMAGE_SIZE / data.CROP_PCT), data.INTERPOLATION),
-                    CenterCrop(data.IMAGE_SIZE),
-                    ToNormalizedArray(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+                    CenterCrop(data.IMAGE_SIZE), last])

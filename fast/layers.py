@@ -35,10 +35,12 @@ What the fast forwards do differently, and why (figures in docs/speed.md):
   threaded kernels. In inference the kernels write into the temporaries they read (the
   block into its branch only where a fast attention or MLP made it: never into a
   tensor that a hook or a replaced layer may hold).
-- On a GPU under float16/bfloat16 autocast, softmax(q k^T) v is
-  F.scaled_dot_product_attention (flash attention).
+- On a GPU under float16/bfloat16 autocast, q, k and v (float32 after their BatchNorm)
+  are cast to autocast's dtype, and softmax(q k^T) v is F.scaled_dot_product_attention
+  (flash attention) where `flash_attention_runs`.
 """
 
+import functools
 from typing import Optional, Tuple
 
 import paddle
@@ -47,11 +49,34 @@ import paddle.nn.functional as F
 
 import cvt
 from fast import build, kernels
-from paddle_internals import (batch_norm_settings, batch_norm_statistics, conv_geometry, has_forward_hooks,
-                              layer_norm_epsilon)
+from paddle_internals import (autocast_dtype, batch_norm_settings, batch_norm_statistics, conv_geometry,
+                              has_forward_hooks, layer_norm_epsilon)
 
 # QuickGELU's slope: x * sigmoid(1.702 x)
 QUICK_GELU_SLOPE = 1.702
+
+
+def flash_attention_runs(place, dtype: Optional[str], head_dim: int) -> bool:
+    """Whether the attention runs F.scaled_dot_product_attention: on a CUDA GPU where
+    FlashAttention-2 runs (compute capability 8.0 on: A100, H100, RTX 30xx and later),
+    under autocast to float16 or bfloat16 (`dtype`), for heads of at most 256 channels
+    in multiples of 8 (every CvT has 64). Elsewhere the explicit products run: Paddle
+    2.6 picks the flash kernel by the head size alone and fails on older GPUs."""
+    if dtype not in ('float16', 'bfloat16') or not place.is_gpu_place():
+        return False
+    return head_dim <= 256 and head_dim % 8 == 0 and gpu_capability(place.gpu_device_id()) >= (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_capability(device_id: int) -> Tuple[int, int]:
+    """The CUDA compute capability (major, minor) of GPU `device_id`."""
+    return tuple(paddle.device.cuda.get_device_capability(device_id))
+
+
+def _in_dtype_of(bias: paddle.Tensor, x: paddle.Tensor) -> paddle.Tensor:
+    """`bias` in `x`'s dtype (autocast's half precision: a float32 bias would make the
+    addition float32)."""
+    return bias if bias.dtype == x.dtype else bias.astype(x.dtype)
 
 
 def _as_built(layer: Optional[nn.Layer], *classes) -> bool:
@@ -126,11 +151,12 @@ class FastAttention(cvt.Attention):
         x_map, cls_column = kernels.tokens_to_maps(x, h, w, 1 if self.with_cls_token else 0)
         q, k, v = (self._projected(p, x_map, cls_column) for p in (self.conv_proj_q, self.conv_proj_k,
                                                                    self.conv_proj_v))
-        # flash attention: Paddle's fused kernel is for float16/bfloat16 on a GPU (autocast
-        # makes the projections float16); float32 keeps the GEMMs
-        flash = (not q.place.is_cpu_place() and q.dtype in (paddle.float16, paddle.bfloat16)
-                 and hasattr(F, 'scaled_dot_product_attention'))
-        return self.proj_drop(self.attend_flash(q, k, v) if flash else self.attend(q, k, v))
+        half = autocast_dtype()
+        if flash_attention_runs(x.place, half, self.dim_out // self.num_heads):
+            return self.proj_drop(self.attend_flash(q, k, v, half))
+        if half is not None:  # the BatchNorm of q, k and v gives float32: the products in half precision
+            q, k, v = (t.astype(half) for t in (q, k, v))
+        return self.proj_drop(self.attend(q, k, v))
 
     def _projected(self, projection: Optional[nn.Layer], x_map, lead: Optional[paddle.Tensor]):
         """The channels-first (B, C, L) map of one of q, k, v after its convolutional
@@ -186,7 +212,7 @@ class FastAttention(cvt.Attention):
             # (C_out, C_in) x (B, C_in, L) -> (B, C_out, L) -> (B, heads, head_dim, L): no copy
             t = paddle.matmul(weight, t, transpose_x=True)
             if bias is not None:
-                t = kernels.add_bias(t, bias, axis=1, overwrite=True)
+                t = kernels.add_bias(t, _in_dtype_of(bias, t), axis=1, overwrite=True)
             return t.reshape([0, self.num_heads, -1, t.shape[-1]])
 
         q = heads(q, *self._scaled_q_projection())
@@ -195,23 +221,28 @@ class FastAttention(cvt.Attention):
         weights = kernels.softmax(paddle.matmul(q, k, transpose_x=True), overwrite=True)
         out = paddle.matmul(v, self.attn_drop(weights), transpose_y=True)  # (B, heads, head_dim, Lq)
         out = paddle.matmul(out.reshape([0, self.dim_out, out.shape[-1]]), self.proj.weight, transpose_x=True)
-        return out if self.proj.bias is None else kernels.add_bias(out, self.proj.bias, overwrite=True)
+        return out if self.proj.bias is None else kernels.add_bias(out, _in_dtype_of(self.proj.bias, out),
+                                                                   overwrite=True)
 
-    def attend_flash(self, q, k, v):
-        """The same through F.scaled_dot_product_attention, which takes (B, L, heads, head_dim)
-        and scales by head_dim ** -0.5: q is pre-scaled to give CvT's dim_out ** -0.5."""
+    def attend_flash(self, q, k, v, dtype: Optional[str] = None):
+        """The same through F.scaled_dot_product_attention, in `dtype` (the kernel's float16
+        or bfloat16; None: as given), which takes (B, L, heads, head_dim) and scales by
+        head_dim ** -0.5: q is pre-scaled to give CvT's dim_out ** -0.5."""
         head_dim = self.dim_out // self.num_heads
 
         def heads(t, weight, bias):
-            t = paddle.matmul(t, weight, transpose_x=True)  # (B, L, C_out)
+            dtype_in = dtype or t.dtype
+            t = paddle.matmul(t.astype(dtype_in), weight.astype(dtype_in), transpose_x=True)  # (B, L, C_out)
             if bias is not None:
-                t = t + bias.astype(t.dtype)  # stay in autocast's float16 for the kernel
+                t = t + _in_dtype_of(bias, t)
             return t.reshape([0, 0, self.num_heads, head_dim])
 
         q = heads(q, *self._scaled_q_projection(head_dim ** 0.5))
         k = heads(k, self.proj_k.weight, self.proj_k.bias)
         v = heads(v, self.proj_v.weight, self.proj_v.bias)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p, training=self.training)
+        # dropout only in training: Paddle 2.6's function does not pass `training` on to the kernel
+        dropout = self.attn_drop.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, training=self.training)
         return kernels.linear(out.reshape([0, 0, self.dim_out]), self.proj.weight, self.proj.bias)
 
 

@@ -114,10 +114,10 @@ def test_update_config_applies_paddlevit_flags():
     assert config.MODEL.DEPTH == [1, 2, 10] and config.MODEL.RESUME is None
 
 
-def test_update_config_eval_sets_eval_batch_and_disables_amp():
+def test_update_config_eval_sets_eval_batch_and_keeps_amp():
     args = argparse.Namespace(cfg=None, batch_size=7, eval=True, amp=True)
     config = update_config(get_config(), args)
-    assert config.EVAL and config.DATA.BATCH_SIZE_EVAL == 7 and config.AMP is False
+    assert config.EVAL and config.DATA.BATCH_SIZE_EVAL == 7 and config.AMP is True  # evaluation under autocast
 
 
 def test_dumped_config_loads_back_equal(tmp_path):
@@ -183,7 +183,7 @@ def test_opts_come_after_the_file_and_before_the_flags():
 
 @pytest.mark.parametrize('key, value, message', [
     ('DATA.BATCH_SIZE', '0', r'DATA\.BATCH_SIZE must be >= 1, got 0'),
-    ('DATA.NUM_WORKERS', '-1', r'DATA\.NUM_WORKERS must be >= 0, got -1'),
+    ('DATA.NUM_WORKERS', '-2', r'DATA\.NUM_WORKERS must be >= -1, got -2'),
     ('DATA.CROP_PCT', '1.5', r'DATA\.CROP_PCT must be in \(0, 1\], got 1\.5'),
     ('TRAIN.NUM_EPOCHS', '-3', r'TRAIN\.NUM_EPOCHS must be >= 1, got -3'),
     ('TRAIN.WARMUP_EPOCHS', '-1', r'TRAIN\.WARMUP_EPOCHS must be >= 0'),

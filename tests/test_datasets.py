@@ -54,8 +54,9 @@ def test_class_folders_label_by_sorted_synset_in_both_splits(tmp_path):
         for path, label in zip(dataset.paths, dataset.labels):
             assert os.path.basename(os.path.dirname(path)) == dataset.classes[label]
     assert len(train) == 12 and len(val) == 6
-    image, label, unreadable = val[0]
-    assert image.shape == (3, 16, 16) and image.dtype == np.float32 and label == 0
+    image, label, unreadable, boxes = val[0]
+    assert image.shape == (3, 16, 16) and image.dtype == np.uint8 and label == 0  # normalised on the device
+    assert unreadable == datasets.READ and boxes.tolist() == [[0, 0, 0, 0]]
 
 
 def test_val_uses_train_class_indices_when_val_lacks_a_class(tmp_path):
@@ -165,7 +166,7 @@ def test_unreadable_val_images_are_marked_by_the_loader(tmp_path):
     broken = dataset.paths.index(str(val_dir / 'a_broken.JPEG'))
     with pytest.warns(RuntimeWarning, match='a_broken.JPEG: left out'):
         loader = datasets.get_dataloader(config, dataset, 'val', multi_process=False)
-        marks = np.concatenate([unreadable.numpy() for _, _, unreadable in loader])
+        marks = np.concatenate([unreadable.numpy() for _, _, unreadable, _ in loader])
     assert marks.tolist() == [broken if i == broken else datasets.READ for i in range(len(dataset))]
 
 
@@ -220,7 +221,7 @@ def test_missing_cifar_archive_says_what_to_put_where(tmp_path):
 
 
 def batches(loader):
-    return [(images.numpy(), labels.numpy()) for images, labels, _ in loader]
+    return [(images.numpy(), labels.numpy(), boxes.numpy()) for images, labels, _, boxes in loader]
 
 
 def test_train_loader_shuffles_by_epoch_and_drops_the_last_batch(tmp_path):
@@ -275,9 +276,10 @@ def test_batches_are_identical_with_and_without_workers_and_after_resume(tmp_pat
     resumed = batches(workers)
 
     assert len(resumed) == len(expected) == 4
-    for (images, labels), (want_images, want_labels) in zip(resumed, expected):
+    for (images, labels, boxes), (want_images, want_labels, want_boxes) in zip(resumed, expected):
         np.testing.assert_array_equal(labels, want_labels)
         np.testing.assert_array_equal(images, want_images)
+        np.testing.assert_array_equal(boxes, want_boxes)  # the rectangles to erase too
     assert not np.array_equal(first_epoch[0][0], expected[0][0])
 
 
@@ -285,10 +287,27 @@ def test_val_loader_keeps_order_and_every_sample(tmp_path):
     make_folder_layout(tmp_path, per_class=(1, 3))
     config = make_config(tmp_path, BATCH_SIZE_EVAL=4)
     loader = datasets.get_dataloader(config, datasets.get_dataset(config, 'val'), 'val', multi_process=False)
-    labels = np.concatenate([labels for _, labels in batches(loader)])
+    labels = np.concatenate([labels for _, labels, _ in batches(loader)])
     assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
 def test_set_epoch_rejects_foreign_loaders():
     with pytest.raises(TypeError, match='get_dataloader'):
         datasets.set_epoch(object(), 0)
+
+
+@pytest.mark.parametrize('cores, processes, on_gpu, expected', [
+    (64, 8, True, 7), (96, 4, True, 8), (4, 1, True, 3), (2, 2, True, 1),   # GPU: the share less one, up to 8
+    (16, 1, False, 1), (2, 1, False, 1), (1, 1, False, 0),                   # CPU: the cores compute
+])
+def test_the_default_worker_count_follows_the_cores_per_process(monkeypatch, cores, processes, on_gpu, expected):
+    import runtime
+    monkeypatch.setattr(runtime, 'usable_cores', lambda: cores)
+    assert datasets.default_workers(processes, on_gpu) == expected
+
+
+def test_launched_processes_count_the_local_ones(monkeypatch):
+    monkeypatch.setenv('PADDLE_LOCAL_SIZE', '8')
+    assert datasets.local_processes(world_size=16) == 8
+    monkeypatch.delenv('PADDLE_LOCAL_SIZE')
+    assert datasets.local_processes(world_size=4) == 4

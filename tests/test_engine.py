@@ -1,6 +1,7 @@
 """The training engine, in process: schedule, optimizer groups, steps, resume, errors."""
 
 import glob
+import logging
 import math
 import os
 
@@ -12,8 +13,10 @@ import cvt
 import datasets
 import engine
 import losses
+import mixup as mixup_lib
 from tiny_training import make_tiny_data, tiny_config, write_tiny_yaml
 from config import get_config
+from transforms import DeviceFinish
 from utils import NonFiniteLossError, UsageError, get_logger
 
 
@@ -67,8 +70,10 @@ def test_weight_decay_skips_biases_norms_and_cls_token(tmp_path):
 
 def _first_batch(config, size):
     dataset = datasets.get_dataset(config, 'val')
-    images, labels, _ = zip(*(dataset[i] for i in range(0, len(dataset), len(dataset) // size)[:size]))
-    return paddle.to_tensor(np.stack(images)), paddle.to_tensor(np.array(labels, dtype='int64'))
+    images, labels, _, boxes = zip(*(dataset[i] for i in range(0, len(dataset), len(dataset) // size)[:size]))
+    finish = DeviceFinish(config, training=False)
+    return finish(paddle.to_tensor(np.stack(images)), paddle.to_tensor(np.stack(boxes))), \
+        paddle.to_tensor(np.array(labels, dtype='int64'))
 
 
 def _tiny_training(data_path, tmp_path, batch):
@@ -165,7 +170,7 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_checkpoints(data_
         return criterion
 
     monkeypatch.setattr(losses, 'build_criterion', failing_criterion)
-    with pytest.raises(NonFiniteLossError, match=r'epoch 2, step 3/5'):
+    with pytest.raises(NonFiniteLossError, match=r'epoch 2, steps 3-4/5'):  # read back every 2 steps
         engine.run(tiny_config(data_path, str(tmp_path)))
     assert len(glob.glob(str(tmp_path / 'CvT-Epoch-1-*.pdparams'))) == 1
     assert not glob.glob(str(tmp_path / 'CvT-Epoch-2-*'))
@@ -176,7 +181,6 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_checkpoints(data_
     ({'MODEL.PRETRAINED': '/no/such/weights'}, r'-pretrained: weights file not found'),
     ({'MODEL.RESUME': '/no/such/checkpoint'}, r'-resume: weights file not found'),
     ({'EVAL': True}, r'-eval needs the weights to evaluate'),
-    ({'DATA.BATCH_SIZE_EVAL': 31}, r'BATCH_SIZE_EVAL = 31 is larger than the val set \(30 images\)'),
     ({'TRAIN.ACCUM_ITER': 6}, r'smaller than one optimizer step'),
     ({'TRAIN.DISTILLATION_TYPE': 'soft'}, r'needs TRAIN.TEACHER_CFG and TRAIN.TEACHER_PRETRAINED'),
     ({'TRAIN.DISTILLATION_TYPE': 'hard', 'TRAIN.TEACHER_CFG': '/no/teacher.yaml',
@@ -247,3 +251,79 @@ def test_distillation_adds_the_frozen_teachers_soft_targets_to_the_loss(data_pat
     # the teacher did not train
     for key, value in source.state_dict().items():
         np.testing.assert_array_equal(teacher.state_dict()[key].numpy(), value.numpy())
+
+
+HOST_READS = ('numpy', 'item', 'tolist', '__float__', '__int__', '__bool__', '__index__', '__array__')
+
+
+@pytest.mark.parametrize('changes', [{}, {'TRAIN.ACCUM_ITER': 2, 'TRAIN.MODEL_EMA': True,
+                                          'TRAIN.MIXUP_PROB': 1.0, 'TRAIN.GRAD_CLIP': 1.0}])
+def test_a_training_step_reads_nothing_back_between_read_backs(data_path, tmp_path, monkeypatch, changes):
+    """Every read of a tensor's value on the host (a device-to-host copy and a wait on a GPU)
+    during an epoch of 4 optimizer steps read back every 2: none inside the steps."""
+    config = tiny_config(data_path, str(tmp_path), {'REPORT_FREQ': 2, **changes})
+    train_set = datasets.get_dataset(config, 'train')
+    loader = datasets.get_dataloader(config, train_set, 'train', multi_process=False)
+    model = cvt.build_cvt(config)
+    mixup = mixup_lib.build_mixup(config, train_set.num_classes)
+    steps = len(loader) // config.TRAIN.ACCUM_ITER
+    trainer = engine.build_trainer(config, model, mixup, steps, 1, logging.getLogger('quiet'))
+    datasets.set_epoch(loader, 1)
+    events = []
+    for name in HOST_READS:
+        original = getattr(paddle.Tensor, name, None)
+        if original is not None:
+            monkeypatch.setattr(paddle.Tensor, name, lambda self, *a, _original=original, _name=name, **k: (
+                events.append(_name), _original(self, *a, **k))[1])
+    read_back = engine.StepSums.read
+    monkeypatch.setattr(engine.StepSums, 'read', lambda self, *a: (events.append('READ BACK'), read_back(self, *a))[1])
+    progress = trainer.reporter.progress
+    monkeypatch.setattr(trainer.reporter, 'progress', lambda *a: (events.append('step'), progress(*a))[1])
+    engine.train_one_epoch(trainer, loader, 1)
+    assert events.count('step') == steps * config.TRAIN.ACCUM_ITER
+    # read back after optimizer steps 2, 4, ... and the last; each read back is one host read
+    assert events.count('READ BACK') == steps // 2 + steps % 2
+    stray = [i for i, event in enumerate(events) if event in HOST_READS and events[i - 1] != 'READ BACK']
+    assert stray == [], events
+
+
+@pytest.mark.parametrize('dtype, capability, expected', [
+    ('auto', (7, 0), 'float16'),   # V100
+    ('auto', (7, 5), 'float16'),   # T4
+    ('auto', (8, 0), 'bfloat16'),  # A100
+    ('auto', (9, 0), 'bfloat16'),  # H100
+    ('float16', (9, 0), 'float16'),
+    ('bfloat16', (8, 6), 'bfloat16'),
+])
+def test_amp_dtype_follows_the_gpu(dtype, capability, expected):
+    config = get_config(opts=['AMP', 'True', 'AMP_DTYPE', dtype])
+    assert engine.amp_dtype(config, capability=capability) == expected
+    assert engine.amp_dtype(get_config(opts=['AMP_DTYPE', dtype]), capability=capability) is None
+
+
+def test_a_collapsed_float16_loss_scale_stops_the_run(data_path, tmp_path):
+    config = tiny_config(data_path, str(tmp_path))
+    scaler = type('Float16Scaler', (), {'is_enable': lambda self: True})()  # Paddle enables none on a CPU
+    trainer = type('Trainer', (), {'config': config, 'scaler': scaler})()
+    healthy = {'loss_sum': 3.0, 'images': 2, 'scale': 1024.0, 'skipped': 3}
+    engine._check_window(trainer, healthy, 1, 0, 2, 5)
+    for window in ({**healthy, 'scale': 0.5}, {**healthy, 'skipped': engine.MAX_SKIPPED_STEPS}):
+        with pytest.raises(NonFiniteLossError, match='float16 overflows every step: the loss scale is'):
+            engine._check_window(trainer, window, 1, 0, 2, 5)
+
+
+def test_step_sums_count_the_run_of_skipped_float16_updates_and_read_the_scale_on_the_device():
+    """The float16 scaler's state as Paddle keeps it on the device (paddle_internals:
+    `_found_inf`, `_scale`), stood in on the CPU, where Paddle enables no scaler."""
+    scaler = type('Float16Scaler', (), {'is_enable': lambda self: True})()
+    scaler._scale = paddle.to_tensor([2048.0])
+    trainer = type('Trainer', (), {'scaler': scaler, 'world_size': 1})()
+    sums = engine.StepSums()
+    for overflowed in (True, True, False, True, True, True):
+        scaler._found_inf = paddle.to_tensor(overflowed)
+        sums.add(paddle.to_tensor(2.0), paddle.to_tensor([[0.1, 0.9]]), paddle.to_tensor([1]),
+                 paddle.to_tensor([-1]))
+        sums.after_update(scaler)
+    read = sums.read(trainer, stop_code=0)
+    assert read['skipped'] == 3 and read['scale'] == 2048.0  # the run since the last good update
+    assert read['images'] == 6 and read['loss_sum'] == 12.0 and read['correct'] == 6

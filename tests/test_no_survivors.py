@@ -23,8 +23,8 @@ runtime.configure()
 import checkpoint
 after_optimizer_step = checkpoint.after_optimizer_step
 
-def failing_step(trainer, epoch, step, meters):
-    after_optimizer_step(trainer, epoch, step, meters)
+def failing_step(trainer, epoch, step, meters, stop_code):
+    after_optimizer_step(trainer, epoch, step, meters, stop_code)
     if step == {step}:
         raise RuntimeError('a bug in the middle of an epoch')
 

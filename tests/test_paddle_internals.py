@@ -52,3 +52,21 @@ def test_set_num_threads_runs():
     internals.set_num_threads(1)
     import runtime
     internals.set_num_threads(runtime.threads())
+
+
+def test_autocast_dtype_is_what_auto_cast_set_and_none_outside():
+    assert internals.autocast_dtype() is None
+    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count():
+        for dtype in ('float16', 'bfloat16'):
+            with paddle.amp.auto_cast(True, level='O1', dtype=dtype):
+                assert internals.autocast_dtype() == dtype
+        return
+    # a CPU build enables no autocast: the tracer's state stood in as auto_cast sets it
+    tracer = paddle.base.framework._dygraph_tracer()
+    saved = tracer._amp_level, tracer._amp_dtype
+    try:
+        tracer._amp_level, tracer._amp_dtype = paddle.base.core.AmpLevel.O1, 'bfloat16'
+        assert internals.autocast_dtype() == 'bfloat16'
+    finally:
+        tracer._amp_level, tracer._amp_dtype = saved
+    assert internals.autocast_dtype() is None

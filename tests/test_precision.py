@@ -265,7 +265,8 @@ def test_paddle_inference_bf16_runs_where_paddle_has_it_else_fp32(models, tmp_pa
 # ------------------------------------------------------------------ bad input
 
 @pytest.mark.parametrize('argv, message', [
-    (['-precision', 'fp16'], "argument -precision: invalid choice: 'fp16'"),
+    (['-precision', 'fp16'], '-precision fp16: on a GPU only TensorRT has another format than fp32'),
+    (['-precision', 'bf16', '-device', 'cpu', '-tensorrt'], '-tensorrt needs -device gpu'),
     (['-precision', 'int8'], '-precision int8 -backend paddle: Paddle Inference runs int8 only from'),
     (['-precision', 'bf16', '-disable_onednn'], "runs oneDNN's kernels: drop -disable_onednn"),
     (['-data_path', '{tmp}/nothing'], 'split folder not found'),

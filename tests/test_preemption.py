@@ -43,8 +43,8 @@ import fileio
 kill_after_step, signal_name, kill_in_write = {kill_after_step!r}, {signal_name!r}, {kill_in_write!r}
 after_optimizer_step, save = checkpoint.after_optimizer_step, fileio.save
 
-def hooked_step(trainer, epoch, step, meters):
-    after_optimizer_step(trainer, epoch, step, meters)
+def hooked_step(trainer, epoch, step, meters, stop_code):
+    after_optimizer_step(trainer, epoch, step, meters, stop_code)
     if (epoch - 1) * trainer.steps_per_epoch + step == kill_after_step:
         os.kill(os.getpid(), getattr(signal, signal_name))
 

@@ -1,5 +1,6 @@
 """runtime.configure(): each process's start-up decides its threads once and sets them everywhere."""
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import paddle_internals
 import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_RUN = {'CUDA_VISIBLE_DEVICES': ''}  # a CPU run also on a GPU host
 
 
 @pytest.fixture
@@ -18,6 +20,8 @@ def fresh_runtime(monkeypatch):
     the thread counts given to Paddle's OpenMP kernels (not this process's)."""
     monkeypatch.setattr(runtime, '_threads', None)
     monkeypatch.setattr(runtime, '_users_threads', False)
+    monkeypatch.setattr(runtime, '_keeps_freed_memory', runtime._keeps_freed_memory)
+    monkeypatch.setattr(runtime, 'gpu_host', lambda: False)  # a CPU host, also where the suite has a GPU
     for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'KMP_BLOCKTIME'):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(runtime, 'usable_cores', lambda: 7)
@@ -92,6 +96,92 @@ print(count, ctypes.CDLL(iomp).omp_get_max_threads())
         pytest.skip('needs 2 cores and Linux (/proc/self/maps)')
     clean = {k: v for k, v in os.environ.items() if k not in ('MKL_NUM_THREADS', 'OMP_NUM_THREADS')}
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
-                            env={**clean, **env}, timeout=300)
+                            env={**clean, **env, **CPU_RUN}, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == expected
+
+
+def test_a_gpu_host_is_a_gpu_build_with_a_visible_nvidia_device(monkeypatch):
+    devices, installed = ['/dev/nvidia0'], {'paddlepaddle-gpu'}
+    monkeypatch.setattr(runtime.glob, 'glob', lambda pattern: list(devices))
+
+    def version(name):
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return '2.6.2'
+
+    monkeypatch.setattr(runtime.importlib.metadata, 'version', version)
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    assert runtime.gpu_host()
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1')
+    assert runtime.gpu_host()
+    for hidden in ('', '-1'):
+        monkeypatch.setenv('CUDA_VISIBLE_DEVICES', hidden)
+        assert not runtime.gpu_host()
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES')
+    installed.clear()  # the CPU wheel on a machine with a GPU
+    assert not runtime.gpu_host()
+    installed.add('paddlepaddle-gpu')
+    devices.clear()  # a GPU wheel on a machine without one
+    assert not runtime.gpu_host()
+
+
+def test_on_a_gpu_host_configure_leaves_the_thread_pools_and_the_allocator_alone(fresh_runtime, monkeypatch):
+    given, pinned = fresh_runtime
+    monkeypatch.setattr(runtime, 'gpu_host', lambda: True)
+    kept = []
+    monkeypatch.setattr(runtime, 'keep_freed_memory', lambda: kept.append(True) or True)
+    assert runtime.configure() == 7
+    assert not any(name in os.environ for name in ('MKL_NUM_THREADS', 'MKL_DEBUG_CPU_TYPE', 'KMP_BLOCKTIME'))
+    assert given == [] and pinned == [] and kept == []
+
+
+LOADER_WORKER = """
+import ctypes, os, sys
+sys.path.insert(0, '.')
+import runtime
+runtime.configure()
+import paddle
+import preemption
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+
+def in_the_heap():
+    block = libc.malloc(64 << 20)
+    for line in open('/proc/self/maps'):
+        low, high = (int(a, 16) for a in line.split()[0].split('-'))
+        if low <= block < high:
+            libc.free(ctypes.c_void_p(block))
+            return '[heap]' in line
+
+def kept_in_the_heap():
+    # a block glibc would map on its own (64 MiB) comes from the heap while freed memory is
+    # kept; else the first free gives the heap's top back and the next one is mapped
+    in_the_heap()
+    return in_the_heap()
+
+def openmp_threads():
+    iomp = [p for p in open('/proc/self/maps').read().split() if os.path.basename(p).startswith('libiomp5')][0]
+    return ctypes.CDLL(iomp).omp_get_max_threads()
+
+print('training process', kept_in_the_heap(), openmp_threads(), flush=True)
+worker = os.fork()
+if worker == 0:
+    preemption.loader_worker_init(0, os.getppid())
+    print('loader worker', kept_in_the_heap(), openmp_threads(), flush=True)
+    os._exit(0)
+os.waitpid(worker, 0)
+"""
+
+
+def test_loader_workers_give_back_the_cpu_tuning():
+    """The training process keeps freed memory and runs MKL and OpenMP on its cores; its
+    forked loader workers return freed memory and run one thread each."""
+    if runtime.usable_cores() < 2 or not sys.platform.startswith('linux'):
+        pytest.skip('needs 2 cores and Linux (/proc/self/maps, glibc)')
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(('MKL_', 'OMP_', 'MALLOC_'))}
+    result = subprocess.run([sys.executable, '-c', LOADER_WORKER], cwd=ROOT, capture_output=True, text=True,
+                            env={**clean, **CPU_RUN, 'MKL_NUM_THREADS': '2'}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ['training process True 2', 'loader worker False 1']

@@ -4,6 +4,7 @@ import math
 import re
 
 import numpy as np
+import paddle
 import pytest
 from PIL import Image
 
@@ -147,23 +148,51 @@ def test_rand_augment_with_zero_op_probability_leaves_image_unchanged():
 
 
 def test_random_erasing_statistics():
+    """Rectangles drawn per image (in the workers), filled with noise in the batch (on the device)."""
     erase = T.RandomErasing(prob=0.25, mode='pixel', count=1)
     rng = np.random.default_rng(0)
-    erased_fraction, noise = [], []
     trials = 2000
-    for _ in range(trials):
-        out = erase(np.zeros((3, 40, 40), dtype=np.float32), rng)
-        mask = out != 0
+    boxes = np.stack([erase(np.zeros((3, 40, 40), dtype=np.uint8), rng)[1] for _ in range(trials)])
+    out = erase.apply(paddle.zeros([trials, 3, 40, 40]), paddle.to_tensor(boxes)).numpy()
+    erased_fraction, noise = [], []
+    for image in out:
+        mask = image != 0
         if mask.any():
             rows, cols = np.nonzero(mask.any(axis=0))
             box = mask[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
             assert box.all(), 'the erased region is one rectangle across all channels'
             erased_fraction.append(mask[0].mean())
-            noise.append(out[mask])
+            noise.append(image[mask])
     assert abs(len(erased_fraction) / trials - 0.25) < 0.03
     assert min(erased_fraction) >= 0.015 and max(erased_fraction) <= 1 / 3 + 0.03
     values = np.concatenate(noise)
     assert abs(values.mean()) < 0.02 and abs(values.std() - 1) < 0.02
+
+
+@pytest.mark.parametrize('mode', ['rand', 'const'])
+def test_random_erasing_modes_fill_a_value_per_channel_or_zeros(mode):
+    erase = T.RandomErasing(prob=1.0, mode=mode, count=2)
+    rng = np.random.default_rng(1)
+    boxes = np.stack([erase(np.zeros((3, 30, 30), dtype=np.uint8), rng)[1] for _ in range(20)])
+    assert boxes.shape == (20, 2, 4) and (boxes[:, :, 2:] > 0).all()
+    out = erase.apply(paddle.full([20, 3, 30, 30], 5.0), paddle.to_tensor(boxes)).numpy()
+    for image, (first, second) in zip(out, boxes):
+        top, left, height, width = second  # drawn last, it shows where the two overlap
+        patch = image[:, top:top + height, left:left + width]
+        assert (patch == patch[:, :1, :1]).all() and (patch != 5.0).all()
+        if mode == 'const':
+            assert (patch == 0).all()
+
+
+def test_the_device_normalises_as_the_host_does():
+    config = config_with()
+    image = smooth_image(40, 30)
+    val_host = T.build_val_transforms(config)(image)
+    val_device = T.build_val_transforms(config, on_device=True)(image)
+    assert val_device.dtype == np.uint8
+    finished = T.DeviceFinish(config, training=False)(paddle.to_tensor(val_device[None]),
+                                                      paddle.to_tensor(np.zeros((1, 1, 4), np.int32)))
+    np.testing.assert_allclose(finished.numpy()[0], val_host, atol=1e-6)
 
 
 def test_random_resized_crop_boxes_respect_scale_and_ratio():
@@ -181,21 +210,22 @@ def test_random_resized_crop_boxes_respect_scale_and_ratio():
 def test_train_transform_is_reproducible_per_generator():
     image = smooth_image(120, 90)
     transform = T.build_train_transforms(config_with())
-    first = transform(image, np.random.default_rng(7))
-    again = transform(image, np.random.default_rng(7))
-    other = transform(image, np.random.default_rng(8))
-    assert first.shape == (3, 64, 64) and first.dtype == np.float32
+    first, first_boxes = transform(image, np.random.default_rng(7))
+    again, again_boxes = transform(image, np.random.default_rng(7))
+    other, _ = transform(image, np.random.default_rng(8))
+    assert first.shape == (3, 64, 64) and first.dtype == np.uint8 and first_boxes.shape == (1, 4)
     np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first_boxes, again_boxes)
     assert not np.array_equal(first, other)
 
 
 def test_recipe_uses_rand_augment_and_erasing_else_color_jitter():
     names = [type(t).__name__ for t in T.build_train_transforms(config_with()).transforms]
-    assert names == ['RandomResizedCrop', 'RandomHorizontalFlip', 'RandAugment', 'ToNormalizedArray',
-                     'RandomErasing']
+    assert names == ['RandomResizedCrop', 'RandomHorizontalFlip', 'RandAugment', 'ToUint8Array', 'RandomErasing']
     plain = T.build_train_transforms(config_with(RAND_AUGMENT='', RANDOM_ERASE_PROB=0.0))
     assert [type(t).__name__ for t in plain.transforms] == [
-        'RandomResizedCrop', 'RandomHorizontalFlip', 'ColorJitter', 'ToNormalizedArray']
+        'RandomResizedCrop', 'RandomHorizontalFlip', 'ColorJitter', 'ToUint8Array', 'RandomErasing']
+    assert plain.transforms[-1].prob == 0.0  # an empty rectangle per image keeps the batch's shape
     from_auto = T.build_train_transforms(config_with(RAND_AUGMENT='', AUTO_AUGMENT='rand-m5'))
     assert from_auto.transforms[2].magnitude == 5
 

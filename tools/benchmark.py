@@ -57,7 +57,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument('-mode', choices=('infer', 'train', 'deploy'), default='infer')
     parser.add_argument('-backend', choices=('paddle', 'openvino', 'onnxruntime'), default=None,
                         help='-mode deploy: the runtime (default: the one tools/infer.py recommends)')
-    parser.add_argument('-amp', action='store_true', help='float16 autocast (GPU)')
+    parser.add_argument('-amp', action='store_true', help='autocast to AMP_DTYPE (GPU; -opts AMP_DTYPE float16|bfloat16|auto)')
     parser.add_argument('-precision', choices=PRECISIONS, default='fp32',
                         help='-mode deploy: the number format, as tools/infer.py -precision (default fp32)')
     parser.add_argument('-force_precision', action='store_true',
@@ -167,8 +167,12 @@ def profile(step, steps: int) -> None:
 
 def main(args: argparse.Namespace) -> None:
     config = model_config(args)  # -cfg with -image_size, or exit naming what is wrong
+    config.defrost()
+    config.AMP = args.amp
+    config.freeze()
+    amp = engine.amp_dtype(config)  # AMP_DTYPE (-opts) on a GPU; None: float32
     backend = deploy_backend(args) if args.mode == 'deploy' else None
-    number_format = 'amp fp16' if args.amp else 'fp32'
+    number_format = f'amp {amp}' if amp else 'fp32'
 
     paddle.seed(config.SEED)
     model = build_cvt(config)
@@ -185,19 +189,19 @@ def main(args: argparse.Namespace) -> None:
 
         @paddle.no_grad()
         def step() -> None:
-            with paddle.amp.auto_cast(enable=args.amp, level='O1'):
+            with engine.autocast(amp):
                 model(images)
     else:
         model.train()
         lr_schedule = engine.build_lr_schedule(config, steps_per_epoch=1000, world_size=1)
         optimizer = engine.build_optimizer(config, model, lr_schedule)
-        scaler = paddle.amp.GradScaler(enable=args.amp)
+        scaler = paddle.amp.GradScaler(enable=amp == 'float16')
         # the recipe mixes images (Mixup/CutMix), so the loss takes soft targets
         criterion = losses.build_criterion(config, mixup_active=True)
         targets = F.one_hot(labels, max(config.MODEL.NUM_CLASSES, 1))
 
         def step() -> None:
-            engine.train_step(model, images, targets, criterion, optimizer, scaler, autocast=args.amp)
+            engine.train_step(model, images, targets, criterion, optimizer, scaler, amp=amp)
 
     for _ in range(args.warmup):
         step()

@@ -4,7 +4,7 @@
     python tools/infer.py -model cvt-13-224x224.onnx cat.jpg photos/           # tools/export_onnx.py
         [-backend paddle|openvino|onnxruntime] [-labels imagenet_classes.txt] [-topk 5] [-batch_size 8]
         [-threads N] [-device cpu|gpu] [-disable_onednn] [-tensorrt]
-        [-precision fp32|bf16|int8] [-force_precision]
+        [-precision fp32|bf16|int8|fp16] [-force_precision]
     python tools/infer.py -model cvt-13-224x224.onnx -data_path /data/imagenet [-precision int8]
 
 Prints the same top-k as tools/predict.py; with -data_path, instead, the
@@ -23,11 +23,14 @@ The class count, input size and preprocessing come from the export (the
 folder's preprocess.json, the .onnx file's metadata), not from a config file.
 Paddle Inference on CPU runs with oneDNN unless -disable_onednn; -device
 defaults to gpu where Paddle has CUDA and sees a GPU; -tensorrt (GPU only) runs
-the graph with TensorRT, FP32, for batches up to -batch_size. -threads defaults
-to one per usable core (MKL_NUM_THREADS where set).
+the graph with TensorRT for batches up to -batch_size, in FP32 or with -precision
+fp16 in float16; its engines are built once and kept beside the export
+(`tensorrt/`), for this GPU, Paddle and batch size. -threads defaults to one per
+usable core (MKL_NUM_THREADS where set).
 """
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -50,6 +53,7 @@ from tools.quantize import INT8_SUFFIX, int8_path  # noqa: E402
 from utils import int_at_least, thread_count  # noqa: E402
 
 BACKENDS = ('paddle', 'openvino', 'onnxruntime')
+TENSORRT_FP16 = 'fp16'  # -precision for TensorRT on a GPU; the others are the CPU's (tools/precision.py)
 ONNX_BACKENDS = ('openvino', 'onnxruntime')  # they run a .onnx file, on CPU
 STATIC_SHAPES = 2  # input shapes with an OpenVINO model compiled for them alone
 GPU_MEMORY_MB = 256  # initial pool; Paddle grows it as needed
@@ -79,9 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='paddle backend: default gpu if Paddle has CUDA and a GPU is visible, else cpu')
     parser.add_argument('-disable_onednn', action='store_true', help='plain CPU kernels instead of oneDNN')
     parser.add_argument('-tensorrt', action='store_true', help='run with TensorRT (GPU only)')
-    parser.add_argument('-precision', choices=precisions.PRECISIONS, default='fp32',
+    parser.add_argument('-precision', choices=precisions.PRECISIONS + (TENSORRT_FP16,), default='fp32',
                         help='number format on CPU (default fp32); bf16 and int8 where the CPU has them natively, '
-                             'else fp32 (tools/precision.py); int8 runs the model of tools/quantize.py')
+                             'else fp32 (tools/precision.py); int8 runs the model of tools/quantize.py; '
+                             'fp16: TensorRT on a GPU (-tensorrt)')
     parser.add_argument('-force_precision', action='store_true',
                         help='run -precision even where the CPU has no native instructions for it '
                              '(to measure its accuracy; slower than fp32)')
@@ -135,31 +140,53 @@ def preprocess_config(preprocess: dict):
     return config
 
 
-def tensorrt_program(model_dir: str, preprocess: dict, max_batch: int) -> str:
-    """A PIR (.json) program has TensorRT subgraphs put in ahead of time by
+def tensorrt_cache(model_dir: str, precision: str, max_batch: int) -> str:
+    """The folder of the TensorRT engines built for this export, precision, largest batch,
+    GPU and Paddle: an engine is built for one GPU model and TensorRT version, and the
+    export's files (size and time) name the model it was built from."""
+    program = program_file(model_dir)
+    params = os.path.join(model_dir, MODEL_PREFIX + '.pdiparams')
+    source = [(os.path.getsize(path), os.stat(path).st_mtime_ns) for path in (program, params)]
+    key = json.dumps([source, precision, max_batch, paddle.__version__, paddle.device.cuda.get_device_name()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return os.path.join(model_dir, 'tensorrt', f'{precision}-batch{max_batch}-{digest}')
+
+
+def tensorrt_program(model_dir: str, preprocess: dict, max_batch: int, precision: str) -> str:
+    """A PIR (.json) program with its TensorRT engines built in ahead of time by
     paddle.tensorrt.convert (Config.enable_tensorrt_engine only acts on .pdmodel
-    programs); returns the converted program's prefix, written beside the model."""
-    from paddle.tensorrt.export import Input, TensorRTConfig
+    programs); returns the converted program's prefix. The conversion, which builds
+    the engines (minutes), runs once: a later run finds it in `tensorrt_cache`."""
+    from paddle.tensorrt.export import Input, PrecisionMode, TensorRTConfig
+    folder = tensorrt_cache(model_dir, precision, max_batch)
+    prefix = os.path.join(folder, MODEL_PREFIX)
+    if os.path.isfile(prefix + '.json') and os.path.isfile(prefix + '.pdiparams'):
+        return prefix
+    print(f'building TensorRT engines ({precision}, batches up to {max_batch}) into {folder}; once',
+          file=sys.stderr, flush=True)
     size = preprocess['image_size']
     shape = lambda batch: (batch, 3, size, size)
     inputs = Input(min_input_shape=shape(1), optim_input_shape=shape(max_batch),
                    max_input_shape=shape(max_batch), name=preprocess['input_name'])
-    trt_config = TensorRTConfig(inputs=[inputs])
-    trt_config.save_model_dir = os.path.join(model_dir, 'tensorrt', MODEL_PREFIX)
+    building = folder + f'.partial{os.getpid()}'  # renamed when whole: a killed build is never used
+    trt_config = TensorRTConfig(inputs=[inputs], precision_mode=PrecisionMode.FP16 if precision == 'fp16'
+                                else PrecisionMode.FP32)
+    trt_config.save_model_dir = os.path.join(building, MODEL_PREFIX)
     paddle.tensorrt.convert(os.path.join(model_dir, MODEL_PREFIX), trt_config)
-    return trt_config.save_model_dir
+    os.replace(building, folder)
+    return prefix
 
 
 def create_predictor(model_dir: str, preprocess: dict, device: str = 'cpu', onednn: bool = True,
                      tensorrt: bool = False, max_batch: int = 8, threads: int = 0,
                      precision: str = 'fp32') -> inference.Predictor:
     """A Paddle Inference predictor for the exported model in `model_dir` (threads 0:
-    `default_threads()`; precision fp32 or, on CPU with oneDNN, bf16)."""
+    `default_threads()`; precision fp32 or, on CPU with oneDNN, bf16, or with TensorRT fp16)."""
     threads = threads or default_threads()
     program = program_file(model_dir)
     params = os.path.join(model_dir, MODEL_PREFIX + '.pdiparams')
     if tensorrt and program.endswith('.json'):
-        prefix = tensorrt_program(model_dir, preprocess, max_batch)
+        prefix = tensorrt_program(model_dir, preprocess, max_batch, precision)
         program, params = prefix + '.json', prefix + '.pdiparams'
     config = inference.Config(program, params)
     if device == 'gpu':
@@ -167,9 +194,12 @@ def create_predictor(model_dir: str, preprocess: dict, device: str = 'cpu', oned
         if tensorrt and program.endswith('.pdmodel'):
             size = preprocess['image_size']
             name = preprocess['input_name']
+            # use_static: the engines are serialised into the cache folder and loaded from it next time
+            config.set_optim_cache_dir(tensorrt_cache(model_dir, precision, max_batch))
             config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=max_batch, min_subgraph_size=3,
-                                          precision_mode=inference.PrecisionType.Float32,
-                                          use_static=False, use_calib_mode=False)
+                                          precision_mode=inference.PrecisionType.Half if precision == 'fp16'
+                                          else inference.PrecisionType.Float32,
+                                          use_static=True, use_calib_mode=False)
             config.set_trt_dynamic_shape_info({name: [1, 3, size, size]}, {name: [max_batch, 3, size, size]},
                                               {name: [max_batch, 3, size, size]})
     else:
@@ -318,11 +348,14 @@ def check_precision(args: argparse.Namespace, backend: str, device: str) -> None
     """Exit if -precision cannot run with this backend, device or model at all."""
     if args.precision == 'fp32':
         return
+    if device != 'cpu' or args.precision == TENSORRT_FP16:
+        if not (device == 'gpu' and args.tensorrt and args.precision == TENSORRT_FP16):
+            fail(f'-precision {args.precision}: on a GPU only TensorRT has another format than fp32 '
+                 f'(-device gpu -tensorrt -precision fp16); bf16 and int8 are for the CPU')
+        return
     reason = precisions.unsupported(args.precision, backend)
     if reason:
         fail(f'-precision {args.precision} -backend {backend}: {reason}')
-    if device != 'cpu':
-        fail(f'-precision {args.precision} is for the CPU; on GPU, -tensorrt runs FP32')
     if backend == 'paddle' and args.disable_onednn:
         fail(f'-precision {args.precision} on Paddle Inference runs oneDNN\'s kernels: drop -disable_onednn')
     if args.precision == 'int8':
@@ -411,11 +444,16 @@ def main(argv=None) -> int:
     check_precision(args, backend, device)
     data = val_images(args.data_path) if args.data_path else None
     images = list_images(args.images) if args.images else None
-    choice = precisions.choose(args.precision, backend, args.force_precision)
+    choice = precisions.choose(args.precision, backend, args.force_precision) if device == 'cpu' \
+        else precisions.Choice(args.precision, args.precision)  # a GPU runs what check_precision let through
     runner = lambda precision: create_runner(args.model, backend, device, not args.disable_onednn, args.tensorrt,
                                              args.batch_size, args.threads or 0, precision)
     preprocess, logits_of = runner(choice.run)  # exits on a model the runtime cannot load, before any output
-    print(precisions.first_line(choice, backend), file=sys.stderr, flush=True)
+    if device == 'cpu':
+        print(precisions.first_line(choice, backend), file=sys.stderr, flush=True)
+    else:
+        print(f'precision {choice.run} | Paddle Inference{" with TensorRT" if args.tensorrt else ""} | '
+              f'GPU {paddle.device.cuda.get_device_name()}', file=sys.stderr, flush=True)
     if args.backend is None and backend == 'onnxruntime':
         print(f'{args.model}: running in ONNX Runtime; OpenVINO, the faster CPU runtime here, is not installed '
               '(pip install -r requirements-deploy.txt)', file=sys.stderr)
