@@ -29,13 +29,16 @@ class ConvGeometry(NamedTuple):
     zero_padding: bool  # padding_mode 'zeros'
 
 
-def _pairs(padding) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+def padding_pairs(padding) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """(top, bottom), (left, right) from Paddle's padding forms: an int, [ph, pw] or [t, b, l, r]."""
+    if isinstance(padding, int):
+        return (padding, padding), (padding, padding)
     padding = [int(p) for p in padding]
     if len(padding) == 2:
         return (padding[0], padding[0]), (padding[1], padding[1])
     if len(padding) == 4:
         return (padding[0], padding[1]), (padding[2], padding[3])
-    raise ValueError(f'padding {padding!r}: expected 2 or 4 values')
+    raise ValueError(f'padding {padding!r}: expected an int, 2 or 4 ints')
 
 
 def conv_geometry(conv: nn.Conv2D) -> ConvGeometry:
@@ -44,7 +47,7 @@ def conv_geometry(conv: nn.Conv2D) -> ConvGeometry:
     values, as `_updated_padding` (with `_padding_algorithm`)."""
     stride, dilation = (tuple(int(v) for v in value) for value in (conv._stride, conv._dilation))
     explicit = getattr(conv, '_padding_algorithm', 'EXPLICIT') == 'EXPLICIT'
-    padding = _pairs(conv._updated_padding) if explicit else ((0, 0), (0, 0))
+    padding = padding_pairs(conv._updated_padding) if explicit else ((0, 0), (0, 0))
     return ConvGeometry(stride, padding, dilation, explicit, conv._data_format == 'NCHW',
                         conv._padding_mode == 'zeros')
 

@@ -28,7 +28,7 @@ import paddle.nn as nn  # noqa: E402
 
 from config import ConfigError, get_config  # noqa: E402
 from cvt import ConvolutionalVisionTransformer, build_cvt  # noqa: E402
-from paddle_internals import conv_geometry  # noqa: E402
+from paddle_internals import conv_geometry, padding_pairs  # noqa: E402
 from utils import add_opts_argument, int_at_least  # noqa: E402
 
 
@@ -68,15 +68,11 @@ def _pair(value: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
 
 
 def _padding_pairs(padding, name: str) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """(top, bottom), (left, right) from Paddle's padding forms (int, [ph, pw], [t, b, l, r])."""
-    if isinstance(padding, int):
-        return (padding, padding), (padding, padding)
-    padding = [int(p) for p in padding]
-    if len(padding) == 2:
-        return (padding[0], padding[0]), (padding[1], padding[1])
-    if len(padding) == 4:
-        return (padding[0], padding[1]), (padding[2], padding[3])
-    raise ValueError(f'{name} padding {padding!r}: expected an int, 2 or 4 ints')
+    """padding_pairs, its error naming the layer `name`."""
+    try:
+        return padding_pairs(padding)
+    except ValueError as err:
+        raise ValueError(f'{name} {err}') from None
 
 
 def _window_output(size: int, kernel: int, stride: int, pad: Tuple[int, int],
